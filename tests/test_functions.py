@@ -1,0 +1,166 @@
+import math
+
+import pytest
+import torch
+
+from util.losses import absolute_loss_prediction, reconstruction_loss, relative_loss_prediction
+from util.masking import (block_mask, hard_patch_mask, num_masked_patches, random_mask,
+                          regular_mask)
+from util.patches import patchify, unpatchify
+from util.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_embed
+from util.schedules import cosine_lr, hard_patch_alpha, teacher_decay
+
+
+def test_patchify_round_trip_and_element_order():
+    imgs = torch.randn(2, 3, 32, 32)
+    patches = patchify(imgs, 4)
+    assert patches.shape == (2, 64, 48)
+    assert torch.equal(unpatchify(patches, 4), imgs)
+    # patch k = (row 1, col 2); element (r, c, ch) at index (r * p + c) * 3 + ch
+    k, r, c, ch = 1 * 8 + 2, 3, 1, 2
+    assert patches[1, k, (r * 4 + c) * 3 + ch] == imgs[1, ch, 4 + r, 8 + c]
+
+
+def test_pos_embed_formula():
+    d, g = 16, 5
+    table = get_2d_sincos_pos_embed(d, g)
+    assert table.shape == (1 + g * g, d)
+    assert torch.all(table[0] == 0)
+    for k in [0, 3, 7, 24]:
+        row, col = k // g, k % g
+        for i in range(d // 4):
+            w = 1.0 / 10000 ** (i / (d / 4))
+            expect = [math.sin(col * w), math.cos(col * w), math.sin(row * w), math.cos(row * w)]
+            got = table[1 + k, [i, d // 4 + i, d // 2 + i, 3 * d // 4 + i]].tolist()
+            assert got == pytest.approx(expect, abs=1e-6)
+
+
+def test_pos_embed_interpolation_matches_bicubic():
+    pos = torch.randn(1, 1 + 14 * 14, 32)
+    new = interpolate_pos_embed(pos, (16, 16))
+    grid = pos[:, 1:].reshape(1, 14, 14, 32).permute(0, 3, 1, 2)
+    expect = torch.nn.functional.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False)
+    expect = torch.cat([pos[:, :1], expect.permute(0, 2, 3, 1).reshape(1, 256, 32)], dim=1)
+    torch.testing.assert_close(new, expect, atol=1e-5, rtol=1e-5)
+    assert interpolate_pos_embed(pos, (14, 14)) is pos
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_num_masked_rounding_and_bounds():
+    assert num_masked_patches(196, 0.75) == 147
+    assert num_masked_patches(64, 0.75) == 48
+    for bad in [0.0, 1.0, -0.1, 1.5]:
+        with pytest.raises(ValueError, match="--mask_ratio"):
+            num_masked_patches(196, bad)
+
+
+@pytest.mark.parametrize("kind", ["random", "regular", "block", "hard"])
+def test_every_mask_has_exactly_m_masked_and_is_reproducible(kind):
+    n, g = 64, 14
+    L, m = g * g, num_masked_patches(g * g, 0.75)
+
+    def make(seed):
+        gen = _gen(seed)
+        if kind == "random":
+            return random_mask(n, L, m, generator=gen)
+        if kind == "regular":
+            return regular_mask(n, g, generator=gen)
+        if kind == "block":
+            return block_mask(n, g, m, generator=gen)
+        return hard_patch_mask(torch.randn(n, L, generator=_gen(99)), m, 0.3, generator=gen)
+
+    mask = make(1)
+    assert mask.dtype == torch.bool and mask.shape == (n, L)
+    assert torch.all(mask.sum(1) == m)
+    assert torch.equal(mask, make(1))
+    assert not torch.equal(mask, make(2))
+
+
+def test_regular_mask_one_visible_per_cell():
+    mask = regular_mask(32, 8, generator=_gen())
+    cells = mask.view(32, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(32, 16, 4)
+    assert torch.all((~cells).sum(-1) == 1)
+
+
+def test_block_mask_is_contiguous():
+    mask = block_mask(16, 16, 192, generator=_gen()).view(16, 16, 16).float()
+    # neighbours agree far more often than for a random mask of the same ratio (0.625)
+    agree = (mask[:, :, 1:] == mask[:, :, :-1]).float().mean()
+    assert agree > 0.8
+
+
+def test_hard_patch_mask_contains_top_k_and_rest_is_uniform():
+    n, L, m, alpha = 4000, 16, 12, 0.5
+    k = int(m * alpha)
+    pred = torch.randn(n, L, generator=_gen(5))
+    mask = hard_patch_mask(pred, m, alpha, generator=_gen(6))
+    top = torch.topk(pred, k, dim=1).indices
+    assert torch.all(torch.gather(mask, 1, top))
+    # the other m - k masked patches are uniform over the L - k non-top patches:
+    # count, per rank of predicted loss (excluding the top k), how often it is masked
+    ranks = torch.argsort(torch.argsort(pred, dim=1, descending=True), dim=1)
+    counts = torch.zeros(L - k)
+    for r in range(k, L):
+        counts[r - k] = (mask & (ranks == r)).sum()
+    expect = n * (m - k) / (L - k)
+    chi2 = ((counts - expect) ** 2 / expect).sum().item()
+    assert chi2 < 27.9  # 99.9% quantile of chi-square with 9 degrees of freedom
+
+
+def test_hard_patch_mask_without_hard_patches_is_random():
+    pred = torch.arange(16.0).expand(2000, -1)
+    mask = hard_patch_mask(pred, 8, 0.1, generator=_gen())  # int(8 * 0.1) = 0
+    freq = mask.float().mean(0)
+    assert torch.all((freq - 0.5).abs() < 0.06)
+
+
+def test_reconstruction_loss_norm_pix():
+    pred, target = torch.randn(2, 5, 12), torch.randn(2, 5, 12) * 3 + 1
+    loss, per_patch = reconstruction_loss(pred, target, norm_pix=True)
+    t = (target - target.mean(-1, keepdim=True)) / torch.sqrt(target.var(-1, unbiased=True, keepdim=True) + 1e-6)
+    torch.testing.assert_close(per_patch, ((pred - t) ** 2).mean(-1))
+    torch.testing.assert_close(loss, ((pred - t) ** 2).mean())
+
+
+def _relative_brute_force(pred, target):
+    total, pairs = 0.0, 0
+    for n in range(pred.shape[0]):
+        for i in range(pred.shape[1]):
+            for j in range(pred.shape[1]):
+                s = torch.sigmoid(pred[n, j] - pred[n, i])
+                if target[n, j] > target[n, i]:
+                    total += -torch.log(s + 1e-6)
+                elif target[n, j] < target[n, i]:
+                    total += -torch.log(1 - s + 1e-6)
+                else:
+                    continue
+                pairs += 1
+    return total / pairs
+
+
+def test_relative_objective_equals_brute_force_with_ties():
+    pred = torch.randn(3, 7, generator=_gen(1))
+    target = torch.randint(0, 4, (3, 7), generator=_gen(2)).float()  # many ties
+    torch.testing.assert_close(relative_loss_prediction(pred, target), _relative_brute_force(pred, target))
+
+
+def test_absolute_objective_formula():
+    pred, target = torch.randn(3, 9), torch.rand(3, 9)
+    z = (target - target.mean(1, keepdim=True)) / torch.sqrt(target.var(1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(absolute_loss_prediction(pred, target), ((pred - z) ** 2).mean())
+
+
+def test_schedules():
+    assert hard_patch_alpha(0, 200) == pytest.approx(0.5 / 200)
+    assert hard_patch_alpha(199, 200) == pytest.approx(0.5)
+    assert teacher_decay(0) == pytest.approx(0.999)
+    assert teacher_decay(50) == pytest.approx(0.99945)
+    assert teacher_decay(100) == teacher_decay(500) == 0.9999
+    assert cosine_lr(0, 1.0, 0.0, 10, 100) == 0.0
+    assert cosine_lr(5, 1.0, 0.0, 10, 100) == pytest.approx(0.5)
+    assert cosine_lr(10, 1.0, 0.1, 10, 100) == pytest.approx(1.0)
+    assert cosine_lr(55, 1.0, 0.1, 10, 100) == pytest.approx(0.55)
+    assert cosine_lr(100, 1.0, 0.1, 10, 100) == pytest.approx(0.1)

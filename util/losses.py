@@ -1,0 +1,36 @@
+"""Pretraining objectives (spec section 2), computed in fp32."""
+import torch
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor,
+                        norm_pix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared error on masked patches. pred, target: (N, M, P) -> (scalar mean, per-patch (N, M))."""
+    target = target.float()
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = (pred.float() - target).pow(2).mean(dim=-1)
+    return per_patch.mean(), per_patch
+
+
+def relative_loss_prediction(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """HPM's ranking objective over all ordered pairs of masked patches of each image.
+
+    For s_ij = pred_j - pred_i: -log(sigmoid(s_ij) + 1e-6) where l_j > l_i,
+    -log(1 - sigmoid(s_ij) + 1e-6) where l_j < l_i, nothing on ties; the sum is divided by the
+    number of untied pairs. pred, target: (N, M); target is detached here.
+    """
+    pred, target = pred.float(), target.detach().float()
+    prob = torch.sigmoid(pred.unsqueeze(1) - pred.unsqueeze(2))          # [n, i, j] = sigmoid(p_j - p_i)
+    diff = target.unsqueeze(1) - target.unsqueeze(2)                     # [n, i, j] = l_j - l_i
+    terms = torch.where(diff > 0, -torch.log(prob + 1e-6),
+                        torch.where(diff < 0, -torch.log(1 - prob + 1e-6), torch.zeros_like(prob)))
+    return terms.sum() / (diff != 0).sum().clamp_min(1)
+
+
+def absolute_loss_prediction(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE to the per-image standardised loss (mean, unbiased var, eps 1e-6). (N, M) inputs."""
+    target = target.detach().float()
+    target = (target - target.mean(dim=1, keepdim=True)) / (target.var(dim=1, keepdim=True) + 1e-6) ** 0.5
+    return (pred.float() - target).pow(2).mean()
