@@ -1,0 +1,146 @@
+"""One pretraining epoch (HPM or MAE) and the reconstruction picture for tensorboard."""
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torchvision.utils import make_grid
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from models_hpm import MaskedAutoencoderHPM
+from util.errors import UserError
+from util.logger import MetricLogger
+from util.masking import hard_patch_mask
+from util.patches import gather_patches
+from util.runtime import autocast
+from util.schedules import cosine_lr, hard_patch_alpha, teacher_decay
+
+MaskFn = Callable[[int, torch.device, torch.Generator], torch.Tensor]
+
+
+class NonFiniteLossError(UserError):
+    """Training diverged; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class PretrainSetup:
+    model: nn.Module                       # the student, possibly DDP-wrapped or compiled
+    student: MaskedAutoencoderHPM          # the unwrapped student (for losses and EMA)
+    teacher: MaskedAutoencoderHPM | None   # EMA copy; None for MAE
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    random_mask: MaskFn                    # the mask of MAE mode
+    mask_generator: torch.Generator
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+
+@torch.no_grad()
+def update_teacher(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], decay: float) -> None:
+    """t = d * t + (1 - d) * s for every tensor, in one fused call."""
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - decay)
+
+
+def make_mask(setup: PretrainSetup, imgs: torch.Tensor, alpha: float) -> torch.Tensor:
+    if setup.teacher is None:
+        return setup.random_mask(imgs.shape[0], imgs.device, setup.mask_generator)
+    with autocast(setup.device, setup.amp_dtype):
+        pred_loss = setup.teacher.predict_losses(imgs)
+    return hard_patch_mask(pred_loss, setup.student.num_masked, alpha, generator=setup.mask_generator)
+
+
+def train_one_epoch(setup: PretrainSetup, loader, epoch: int, args, writer=None) -> dict[str, float]:
+    s = setup
+    s.model.train()
+    metrics = MetricLogger()
+    steps = len(loader)
+    alpha = hard_patch_alpha(epoch, args.epochs)
+    decay = teacher_decay(epoch)
+    teacher_params = list(s.teacher.parameters()) if s.teacher is not None else []
+    student_params = list(s.student.parameters())
+    trainable = [p for p in student_params if p.requires_grad]
+    s.optimizer.zero_grad(set_to_none=True)
+
+    for step, (imgs, _) in enumerate(metrics.log_every(loader, args.print_freq, f"Epoch [{epoch}/{args.epochs}]")):
+        if step % args.accum_iter == 0:
+            lr = cosine_lr(epoch + step / steps, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+            for group in s.optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+        imgs = imgs.to(s.device, non_blocking=True)
+        mask = make_mask(s, imgs, alpha)
+        last_micro_step = (step + 1) % args.accum_iter == 0
+        sync = getattr(s.model, "no_sync", None)
+        with (sync() if sync is not None and not last_micro_step else nullcontext()):
+            with autocast(s.device, s.amp_dtype):
+                out = s.model(imgs, mask)
+                losses = s.student.forward_loss(imgs, out)
+            s.scaler.scale(losses.total / args.accum_iter).backward()
+        values = {"loss": losses.total, "recon": losses.recon}
+        if losses.loss_pred is not None:
+            values["loss_pred"] = losses.loss_pred
+        if last_micro_step:
+            s.scaler.unscale_(s.optimizer)
+            if args.clip_grad:
+                values["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
+            s.optimizer.zero_grad(set_to_none=True)
+            if s.teacher is not None:
+                update_teacher(teacher_params, student_params, decay)
+        metrics.update(**values, lr=lr)
+        if step % args.print_freq == 0 or step == steps - 1:
+            check_finite(metrics.last, epoch, step, s.scaler)
+            if writer is not None:
+                global_step = epoch * steps + step
+                for name, value in metrics.last.items():
+                    writer.add_scalar(f"train/{name}", float(value), global_step)
+                if s.teacher is not None:
+                    writer.add_scalar("train/alpha", alpha, global_step)
+                    writer.add_scalar("train/teacher_decay", decay, global_step)
+    stats = metrics.averages()
+    check_finite(stats, epoch, steps - 1, s.scaler)
+    if s.teacher is not None:
+        stats.update(alpha=alpha, teacher_decay=decay)
+    return stats
+
+
+def check_finite(values: dict, epoch: int, step: int, scaler: torch.amp.GradScaler) -> None:
+    """Stop on a non-finite loss; with fp16 the scaler already skips such steps."""
+    for name in ("recon", "loss_pred"):
+        if name in values and not math.isfinite(float(values[name])):
+            if scaler.is_enabled():
+                continue
+            which = "reconstruction" if name == "recon" else "loss-prediction"
+            raise NonFiniteLossError(f"non-finite {which} loss at epoch {epoch}, step {step}; the last good "
+                                     f"checkpoint is kept: lower --blr or --clip_grad, or use --amp none")
+
+
+@torch.no_grad()
+def reconstruction_grid(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask: torch.Tensor, pred_loss: torch.Tensor | None) -> torch.Tensor:
+    """Rows: input, masked input, reconstruction (visible patches pasted back), teacher's loss map."""
+    was_training = student.training
+    student.eval()
+    out = student(imgs, mask)
+    target = student.patchify(imgs)
+    pred = out.pred.float()
+    if student.norm_pix_loss:
+        masked_target = gather_patches(target, out.ids_masked)
+        mean = masked_target.mean(-1, keepdim=True)
+        std = (masked_target.var(-1, keepdim=True) + 1e-6).sqrt()
+        pred = pred * std + mean
+    recon = target.clone().scatter_(1, out.ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]), pred)
+    rows = [imgs, student.unpatchify(target * (~mask).unsqueeze(-1)), student.unpatchify(recon)]
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=imgs.device).view(1, 3, 1, 1)
+    rows = [(r * std + mean).clamp(0, 1) for r in rows]
+    if pred_loss is not None:
+        g = student.grid_size
+        lo = pred_loss.amin(1, keepdim=True)
+        hi = pred_loss.amax(1, keepdim=True)
+        heat = ((pred_loss - lo) / (hi - lo + 1e-12)).view(-1, 1, g, g)
+        heat = torch.nn.functional.interpolate(heat.float(), size=imgs.shape[-2:], mode="nearest")
+        rows.append(heat.expand(-1, 3, -1, -1))
+    student.train(was_training)
+    return make_grid(torch.cat(rows).float().cpu(), nrow=imgs.shape[0], padding=1)

@@ -1,0 +1,135 @@
+import json
+import shutil
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import main_pretrain
+from tests.helpers import TINY, make_image_folder, run_script, snapshot, unchanged
+from util.checkpoint import load_file
+from util.errors import run_cli
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode,data", [([], "digits"), (["--no-relative"], "folder"),
+                                       (["--no-learning_loss"], "folder")], ids=["hpm", "hpm_abs", "mae"])
+def test_pretrain_end_to_end(tmp_path, mode, data):
+    out = tmp_path / "out"
+    if data == "folder":
+        make_image_folder(tmp_path / "data", classes=2, per_class=16, size=32)
+        mode = [*mode, "--data_path", str(tmp_path / "data")]
+    res = run_script("main_pretrain.py", "--epochs", "2", "--output_dir", str(out), *TINY, *mode)
+    assert res.returncode == 0, res.stderr
+    assert "eta" in res.stdout
+    log = _log(out)
+    assert [r["epoch"] for r in log] == [0, 1]
+    for r in log:
+        assert torch.isfinite(torch.tensor(r["train_loss"]))
+        assert ("train_loss_pred" in r) == ("--no-learning_loss" not in mode)
+    ckpt = load_file(out / "checkpoint-last.pth")
+    assert ckpt["format"] == "hpm-pretrain" and ckpt["next_epoch"] == 2 and ckpt["version"] == 1
+    assert (ckpt["teacher"] is None) == ("--no-learning_loss" in mode)
+    assert ckpt["args"]["relative"] == ("--no-relative" not in mode)
+    assert (out / "checkpoint-1.pth").is_file()
+    events = EventAccumulator(str(out), size_guidance={"images": 0}).Reload()
+    assert "reconstruction" in events.Tags()["images"]
+    assert len(events.Images("reconstruction")) == 2
+    assert "train/loss" in events.Tags()["scalars"]
+
+
+def test_resume_is_exact_and_restores_teacher(tmp_path):
+    """Resuming from the epoch-0 checkpoint of a 2-epoch run ends bit-identical to that run."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    make_image_folder(tmp_path / "data", classes=2, per_class=16, size=40)
+    common = [*TINY, "--epochs", "2", "--warmup_epochs", "1", "--save_every", "1", "--batch_size", "8",
+              "--num_workers", "2", "--data_path", str(tmp_path / "data")]
+    assert run_script("main_pretrain.py", "--output_dir", str(straight), *common).returncode == 0
+    resumed.mkdir()
+    shutil.copy(straight / "checkpoint-0.pth", resumed / "checkpoint-last.pth")
+    res = run_script("main_pretrain.py", "--output_dir", str(resumed), *common)
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stdout and "at epoch 1" in res.stdout
+    assert [r["epoch"] for r in _log(resumed)] == [1]
+    a, b = load_file(straight / "checkpoint-last.pth"), load_file(resumed / "checkpoint-last.pth")
+    assert b["teacher"] is not None
+    for key in ("model", "teacher"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_image_folder_and_list_file(tmp_path):
+    data = tmp_path / "data"
+    make_image_folder(data, modes=("RGB", "RGBA", "L", "CMYK", "I;16", "P"))
+    out = tmp_path / "out"
+    args = ["--epochs", "1", "--batch_size", "8", "--num_workers", "1", "--no-learning_loss"]
+    res = run_script("main_pretrain.py", "--data_path", str(data), "--output_dir", str(out), *args)
+    assert res.returncode == 0, res.stderr
+    assert "on 24 images" in res.stdout
+    # the same images through a UM-MAE list file (paths relative to DIR/train)
+    listed = tmp_path / "listed"
+    shutil.copytree(data / "train", listed / "train")
+    (listed / "train.txt").write_text((data / "train.list").read_text())
+    shutil.rmtree(listed / "train" / "class_1")
+    (listed / "train" / "class_1").mkdir()
+    lines = [ln for ln in (data / "train.list").read_text().splitlines() if ln.startswith("class_0")]
+    (listed / "train.txt").write_text("\n".join(lines) + "\n")
+    res = run_script("main_pretrain.py", "--data_path", str(listed), "--output_dir", str(tmp_path / "o2"), *args)
+    assert res.returncode == 0, res.stderr
+    assert "on 12 images" in res.stdout
+
+
+def _cli(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(lambda: main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv)))
+    err = capsys.readouterr().err.strip().splitlines()
+    return exc.value.code, err
+
+
+def _bad_inputs(tmp_path):
+    data = tmp_path / "data"
+    make_image_folder(data, per_class=4)
+    empty = tmp_path / "empty"
+    (empty / "train" / "class_0").mkdir(parents=True)
+    missing_list = tmp_path / "listed"
+    (missing_list / "train").mkdir(parents=True)
+    (missing_list / "train.txt").write_text("a/missing.png 0\n")
+    corrupt = tmp_path / "corrupt"
+    make_image_folder(corrupt, per_class=4)
+    for p in (corrupt / "train").rglob("*.png"):
+        p.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return {
+        "missing_data_path": (["--data_path", str(tmp_path / "nope")], "no such directory"),
+        "empty_data_path": (["--data_path", str(empty)], "train"),
+        "list_missing_files": (["--data_path", str(missing_list)], "missing"),
+        "unreadable_image": (["--data_path", str(corrupt), "--num_workers", "1"], "unreadable image"),
+        "input_size": (["--input_size", "30"], "not divisible by the patch size"),
+        "unknown_model": (["--model", "mae_vit_tiny_patch5"], "did you mean mae_vit_tiny_patch4"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing_data_path", "empty_data_path", "list_missing_files",
+                                  "unreadable_image", "input_size", "unknown_model"])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, case):
+    argv, expected = _bad_inputs(tmp_path)[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint-last.pth").write_bytes(b"precious")
+    (out / "log.txt").write_text("earlier run\n")
+    before = snapshot(out)
+    code, err = _cli([*argv, "--output_dir", str(out), "--epochs", "1", "--batch_size", "4",
+                      "--num_workers", "0", "--no-auto_resume"] if "--num_workers" not in argv else
+                     [*argv, "--output_dir", str(out), "--epochs", "1", "--batch_size", "4", "--no-auto_resume"],
+                     capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert unchanged(out, before)
+
+
+def test_help_lists_hpm_switches():
+    res = run_script("main_pretrain.py", "--help")
+    for flag in ("--no-learning_loss", "--no-relative", "--amp", "--mask_regular", "--clip_grad", "--accum_iter"):
+        assert flag in res.stdout

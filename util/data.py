@@ -1,0 +1,173 @@
+"""Datasets (built-in digits, ImageFolder, UM-MAE list files), robust image loading, loaders.
+
+Augmentation randomness is seeded per sample from (seed, epoch, index), so a run resumed at an
+epoch boundary sees exactly the crops and flips of an uninterrupted one, whatever the workers.
+"""
+import random
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import datasets, transforms
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from util.distributed import DistInfo
+from util.errors import UserError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any image as 8-bit RGB: greyscale, palette, CMYK, RGBA and 16-bit files included."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(img, dtype=np.float64)
+                scale = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                img = Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable image ({exc}); remove or replace the file") from None
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 1,797 handwritten digits as RGB images (default 32 x 32), split 80/20
+    by a fixed permutation, so every script sees the same train and validation images."""
+
+    num_classes = 10
+
+    def __init__(self, split: str, transform: Callable | None = None, size: int = 32) -> None:
+        from sklearn.datasets import load_digits
+        digits = load_digits()
+        order = np.random.RandomState(0).permutation(len(digits.target))
+        num_val = len(order) // 5
+        ids = order[num_val:] if split == "train" else order[:num_val]
+        pixels = (digits.images[ids] * (255.0 / 16.0)).round().astype(np.uint8)
+        self.images = [Image.fromarray(p).resize((size, size), Image.BICUBIC).convert("RGB") for p in pixels]
+        self.targets = [int(t) for t in digits.target[ids]]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        img = self.images[index]
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+class ImageListDataset(Dataset):
+    """UM-MAE's list format: one 'relative/path label' per line, paths relative to `root`."""
+
+    def __init__(self, root: Path, list_file: Path, transform: Callable | None = None) -> None:
+        self.samples: list[tuple[str, int]] = []
+        missing = []
+        for num, line in enumerate(list_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise UserError(f"{list_file}:{num}: expected 'relative/path label', found {line.strip()!r}")
+            path = root / parts[0]
+            if not path.is_file():
+                missing.append(f"{parts[0]} (line {num})")
+            self.samples.append((str(path), int(parts[1])))
+        if missing:
+            raise UserError(f"{list_file}: {len(missing)} listed file(s) missing under {root}, first "
+                            f"{missing[0]}; fix the list or the data path")
+        self.targets = [label for _, label in self.samples]
+        self.num_classes = max(self.targets, default=-1) + 1
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        return (self.transform(img) if self.transform else img), label
+
+
+def build_dataset(data_path: str | None, split: str, transform: Callable | None) -> Dataset:
+    """Built-in digits when `data_path` is None; else DIR/<split>.txt (list) or DIR/<split>/ (ImageFolder)."""
+    if data_path is None:
+        return DigitsDataset(split, transform)
+    root = Path(data_path)
+    hint = f"expected {root}/{split}/<class>/<images> or a list file {root}/{split}.txt"
+    if not root.is_dir():
+        raise UserError(f"--data_path {root}: no such directory; {hint}")
+    list_file = root / f"{split}.txt"
+    if list_file.is_file():
+        base = root / split if (root / split).is_dir() else root
+        dataset = ImageListDataset(base, list_file, transform)
+    elif (root / split).is_dir():
+        try:
+            dataset = datasets.ImageFolder(str(root / split), transform=transform, loader=load_rgb,
+                                           is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
+        except FileNotFoundError as exc:
+            raise UserError(f"--data_path {root}: {exc}; {hint}") from None
+        dataset.num_classes = len(dataset.classes)
+    else:
+        raise UserError(f"--data_path {root}: found neither {split}/ nor {split}.txt; {hint}")
+    if len(dataset) == 0:
+        raise UserError(f"--data_path {root}: the {split} split is empty; {hint}")
+    return dataset
+
+
+def pretrain_transform(input_size: int) -> Callable:
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def eval_transform(input_size: int, crop_pct: float = 224 / 256) -> Callable:
+    """Resize the short side to input_size / crop_pct (bicubic), centre-crop input_size."""
+    return transforms.Compose([
+        transforms.Resize(int(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler that yields (epoch, index), so each sample can seed its augmentation."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, i) for i in super().__iter__())
+
+
+class SeededDataset(Dataset):
+    """Seeds torch, numpy and python RNGs from (seed, epoch, index) before each sample."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        torch.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        np.random.seed(sample_seed % 2**32)
+        return self.dataset[index]
+
+
+def train_loader(dataset: Dataset, dist_info: DistInfo, batch_size: int, num_workers: int,
+                 pin_memory: bool, seed: int) -> DataLoader:
+    """Shuffled (per seed and epoch), drop-last, reproducible loader; call sampler.set_epoch each epoch."""
+    if batch_size * dist_info.world_size > len(dataset):
+        raise UserError(f"--batch_size {batch_size} x {dist_info.world_size} process(es) is larger than the "
+                        f"{len(dataset)} training images: lower --batch_size")
+    sampler = EpochSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
+                           seed=seed, drop_last=True)
+    return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
+                      persistent_workers=num_workers > 0)

@@ -1,0 +1,40 @@
+"""Small runtime choices shared by the scripts: precision, seeding, JSON logs."""
+import json
+import logging
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("hpm")
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32; CUDA-only precisions switch off on CPU."""
+    if device.type != "cuda":
+        if amp in ("fp16", "bf16"):
+            log.warning(f"--amp {amp} needs a GPU; running in fp32 on {device}")
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> int:
+    """Seed every global RNG from (seed, rank, epoch): a resumed run repeats an uninterrupted one."""
+    epoch_seed = (seed * 7919 + rank) * 100_003 + epoch
+    torch.manual_seed(epoch_seed)
+    np.random.seed(epoch_seed % 2**32)
+    random.seed(epoch_seed)
+    return epoch_seed
+
+
+def append_json_log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
