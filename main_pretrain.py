@@ -16,8 +16,7 @@ from timm.optim import param_groups_weight_decay
 import models_hpm
 from engine_pretrain import PretrainSetup, make_mask, reconstruction_grid, train_one_epoch
 from util.args import check_common, check_output_dir, common_parser, effective_lr
-from util.checkpoint import (CHECKPOINT_VERSION, FORMAT_PRETRAIN, args_to_dict, check_format, load_file,
-                             save_atomic)
+from util.checkpoint import FORMAT_PRETRAIN, find_resume, resume_training, save_training_checkpoint
 from util.data import build_dataset, eval_transform, pretrain_transform, train_loader
 from util.distributed import cleanup, init_distributed, resolve_device
 from util.errors import UserError, run_cli
@@ -86,46 +85,6 @@ def mae_mask_fn(args: argparse.Namespace, model: models_hpm.MaskedAutoencoderHPM
     return lambda n, device, gen: random_mask(n, g * g, m, device=device, generator=gen)
 
 
-def find_resume(args: argparse.Namespace, output_dir: Path) -> Path | None:
-    if args.resume:
-        return Path(args.resume)
-    last = output_dir / "checkpoint-last.pth"
-    return last if args.auto_resume and last.is_file() else None
-
-
-def load_resume(path: Path, args, student, teacher, optimizer, scaler) -> int:
-    """Restore a pretraining checkpoint; returns the epoch to start from."""
-    ckpt = load_file(path, "--resume")
-    check_format(ckpt, FORMAT_PRETRAIN, path)
-    if ckpt.get("model_name") != args.model:
-        raise UserError(f"--resume {path}: checkpoint of model {ckpt.get('model_name')}, but --model is "
-                        f"{args.model}: pass --model {ckpt.get('model_name')} or another output_dir")
-    if (ckpt.get("teacher") is None) != (teacher is None):
-        raise UserError(f"--resume {path}: the checkpoint was {'MAE' if ckpt.get('teacher') is None else 'HPM'}"
-                        f" pretraining; match --learning_loss/--no-learning_loss to it")
-    try:
-        student.load_state_dict(ckpt["model"])
-        if teacher is not None:
-            teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        raise UserError(f"--resume {path}: does not fit this model ({first}); check --model and flags") from None
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    return int(ckpt["next_epoch"])
-
-
-def save_checkpoint(output_dir: Path, epoch: int, args, student, teacher, optimizer, scaler) -> None:
-    payload = {"format": FORMAT_PRETRAIN, "version": CHECKPOINT_VERSION, "model_name": args.model,
-               "model": student.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
-               "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "next_epoch": epoch + 1,
-               "args": args_to_dict(args)}
-    save_atomic(payload, output_dir / "checkpoint-last.pth")
-    if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-        save_atomic(payload, output_dir / f"checkpoint-{epoch}.pth")
-
-
 def main(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     dist_info, device = init_distributed(device, args.dist_url)
@@ -143,7 +102,7 @@ def main(args: argparse.Namespace) -> None:
     loader = train_loader(dataset, dist_info, args.batch_size, args.num_workers,
                           args.pin_mem and device.type == "cuda", args.seed)
     output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)
-    resume_path = find_resume(args, output_dir)
+    resume_path = find_resume(args.resume, args.auto_resume, output_dir)
 
     args.lr = effective_lr(args, dist_info.world_size)
     amp_dtype = resolve_amp(args.amp, device)
@@ -153,7 +112,11 @@ def main(args: argparse.Namespace) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch = args.start_epoch
     if resume_path is not None:
-        start_epoch = load_resume(resume_path, args, student, teacher, optimizer, scaler)
+        ckpt = resume_training(resume_path, FORMAT_PRETRAIN, args.model,
+                               {"model": student, "teacher": teacher, "optimizer": optimizer, "scaler": scaler})
+        if teacher is None and ckpt.get("teacher") is not None:
+            raise UserError(f"--resume {resume_path}: an HPM checkpoint, but --no-learning_loss is set; drop it")
+        start_epoch = int(ckpt["next_epoch"])
         log.info(f"resumed from {resume_path} at epoch {start_epoch}")
     model = student
     if dist_info.world_size > 1:
@@ -181,7 +144,11 @@ def main(args: argparse.Namespace) -> None:
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(setup, loader, epoch, args, writer)
         if dist_info.is_main:
-            save_checkpoint(output_dir, epoch, args, student, teacher, optimizer, scaler)
+            paths = [output_dir / "checkpoint-last.pth"]
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                paths.append(output_dir / f"checkpoint-{epoch}.pth")
+            save_training_checkpoint(paths, FORMAT_PRETRAIN, args.model, epoch + 1, args,
+                                     {"model": student, "teacher": teacher, "optimizer": optimizer, "scaler": scaler})
             append_json_log(output_dir / "log.txt", {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
                                                      "n_parameters": n_params})
             log_images(writer, setup, preview_imgs, epoch, args)

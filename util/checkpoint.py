@@ -83,3 +83,139 @@ def check_format(ckpt: dict, expected: str, path: str | os.PathLike, what: str =
                         f"script's own checkpoints (use --finetune to start from pretrained weights)")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
         raise UserError(f"{what} {path}: written by a newer version ({ckpt['version']}) of this code; upgrade")
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "vis_mask_token")
+
+
+def pick_state_dict(ckpt: dict, teacher: bool, path: str | os.PathLike, what: str) -> dict:
+    """The weights inside any known checkpoint format; `teacher` picks the EMA teacher where there is one.
+
+    Ours (`format` hpm-*): `model` / `teacher`. Reference HPM: `state_dict` / `ema_state_dict`.
+    MAE: `model`. A bare (timm or other) state dict: the dict itself.
+    """
+    if ckpt.get("format") == FORMAT_PRETRAIN:
+        key = "teacher" if teacher else "model"
+    elif "state_dict" in ckpt or "ema_state_dict" in ckpt:
+        key = "ema_state_dict" if teacher else "state_dict"
+    elif isinstance(ckpt.get("model"), dict):
+        key = "model"
+        if teacher:
+            raise UserError(f"{what} {path}: --teacher asks for the EMA teacher, but this checkpoint has none "
+                            f"(an MAE or fine-tuning file); drop --teacher")
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        if teacher:
+            raise UserError(f"{what} {path}: --teacher needs a pretraining checkpoint with a teacher; "
+                            f"this is a bare state dict, drop --teacher")
+        return ckpt
+    else:
+        raise UserError(f"{what} {path}: no weights found (keys: {', '.join(list(ckpt)[:8])}); expected an HPM, "
+                        f"MAE or timm checkpoint")
+    state = ckpt.get(key)
+    if not isinstance(state, dict):
+        raise UserError(f"{what} {path}: the checkpoint holds no '{key}' weights"
+                        + ("; it is an MAE-mode run without a teacher, drop --teacher" if teacher else ""))
+    return state
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Strip wrapper prefixes (DDP, torch.compile) and drop pretraining-only tensors."""
+    cleaned = {}
+    for key, value in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        if not key.startswith(PRETRAIN_ONLY_PREFIXES):
+            cleaned[key] = value
+    return cleaned
+
+
+def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, teacher: bool = False,
+                    what: str = "--finetune", allowed_missing: tuple[str, ...] | None = None) -> list[str]:
+    """Load encoder weights from any supported checkpoint into a timm ViT classifier.
+
+    Cleans prefixes, drops decoder / mask-token keys, a head of the wrong shape and (for global
+    pooling) the unused `norm`, resamples `pos_embed` to the model's grid, then requires that
+    only `allowed_missing` keys (default: head, plus fc_norm for global pooling) are missing.
+    Returns the missing keys.
+    """
+    from util.pos_embed import interpolate_pos_embed
+
+    state = clean_state_dict(pick_state_dict(load_file(path, what), teacher, path, what))
+    own = model.state_dict()
+    uses_fc_norm = "fc_norm.weight" in own
+    if allowed_missing is None:
+        allowed_missing = ("head.weight", "head.bias") + (("fc_norm.weight", "fc_norm.bias") if uses_fc_norm else ())
+    if uses_fc_norm:
+        for key in ("norm.weight", "norm.bias"):
+            state.pop(key, None)
+    for key in ("head.weight", "head.bias"):
+        if key in state and key in own and state[key].shape != own[key].shape:
+            del state[key]
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        prefix = model.num_prefix_tokens if hasattr(model, "num_prefix_tokens") else 1
+        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], tuple(model.patch_embed.grid_size), prefix)
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state))
+    bad_missing = [k for k in missing if k not in allowed_missing]
+    if mismatched or unexpected or bad_missing:
+        problems = []
+        if mismatched:
+            problems.append(f"shape mismatch: {', '.join(mismatched[:4])}")
+        if bad_missing:
+            problems.append(f"missing: {', '.join(bad_missing[:6])}{' ...' if len(bad_missing) > 6 else ''}")
+        if unexpected:
+            problems.append(f"unexpected: {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}")
+        raise UserError(f"{what} {path} does not fit this model ({'; '.join(problems)}); check --model "
+                        f"and --global_pool/--cls_token")
+    model.load_state_dict(state, strict=False)
+    return missing
+
+
+def save_training_checkpoint(paths: list[Path], fmt: str, model_name: str, next_epoch: int, args,
+                             states: dict[str, Any]) -> None:
+    """One versioned payload (each entry of `states` a module/optimizer/scaler or None), saved atomically."""
+    payload = {"format": fmt, "version": CHECKPOINT_VERSION, "model_name": model_name, "next_epoch": next_epoch,
+               "args": args_to_dict(args)}
+    for key, value in states.items():
+        payload[key] = value.state_dict() if hasattr(value, "state_dict") else value
+    for path in paths:
+        save_atomic(payload, path)
+
+
+def resume_training(path: Path, fmt: str, model_name: str, states: dict[str, Any]) -> dict:
+    """Restore every object of `states` from one of this script's checkpoints; returns the checkpoint."""
+    ckpt = load_file(path, "--resume")
+    check_format(ckpt, fmt, path)
+    if ckpt.get("model_name") != model_name:
+        raise UserError(f"--resume {path}: checkpoint of model {ckpt.get('model_name')}, but --model is "
+                        f"{model_name}: pass --model {ckpt.get('model_name')} or use another output_dir")
+    for key, target in states.items():
+        if target is None:
+            continue
+        if ckpt.get(key) is None:
+            raise UserError(f"--resume {path}: the checkpoint has no '{key}' state, but this run needs one; "
+                            f"match the flags of the run that wrote it")
+        if isinstance(ckpt[key], dict) and not ckpt[key]:
+            continue  # e.g. the state of a disabled gradient scaler
+        try:
+            target.load_state_dict(ckpt[key])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise UserError(f"--resume {path}: '{key}' does not fit this run ({first}); check --model and "
+                            f"flags") from None
+    return ckpt
+
+
+def find_resume(resume: str | None, auto_resume: bool, output_dir: Path) -> Path | None:
+    """--resume if given, else output_dir/checkpoint-last.pth when auto-resuming and it exists."""
+    if resume:
+        return Path(resume)
+    last = Path(output_dir) / "checkpoint-last.pth"
+    return last if auto_resume and last.is_file() else None

@@ -171,3 +171,32 @@ def train_loader(dataset: Dataset, dist_info: DistInfo, batch_size: int, num_wor
     return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
                       persistent_workers=num_workers > 0)
+
+
+def finetune_transform(input_size: int, args) -> Callable:
+    """DeiT/MAE training augmentation: RandomResizedCrop, flip, RandAugment, random erasing."""
+    from timm.data import create_transform
+    return create_transform(input_size=input_size, is_training=True, color_jitter=args.color_jitter,
+                            auto_augment=args.aa, interpolation="bicubic", re_prob=args.reprob,
+                            re_mode=args.remode, re_count=args.recount, mean=IMAGENET_DEFAULT_MEAN,
+                            std=IMAGENET_DEFAULT_STD)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """In-order, unpadded shard of the dataset for this rank: every sample is scored exactly once."""
+
+    def __init__(self, length: int, dist_info: DistInfo) -> None:
+        self.indices = list(range(dist_info.rank, length, dist_info.world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def eval_loader(dataset: Dataset, dist_info: DistInfo, batch_size: int, num_workers: int,
+                pin_memory: bool) -> DataLoader:
+    """Dataset order, no shuffling, nothing dropped or repeated."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), dist_info),
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=False)

@@ -1,0 +1,199 @@
+"""Fine-tuning (and `--eval`) of a ViT classifier from HPM, MAE or timm weights.
+
+`python main_finetune.py` fine-tunes the tiny preset on the built-in digits; pass
+`--finetune output_dir/checkpoint-last.pth` to start from a pretraining run.
+"""
+import argparse
+import datetime
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from timm.data import Mixup
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay
+from timm.utils import ModelEmaV3
+
+import models_vit
+from engine_finetune import evaluate, train_one_epoch
+from util.args import check_common, check_output_dir, common_parser, effective_lr
+from util.checkpoint import (FORMAT_FINETUNE, find_resume, load_pretrained, resume_training,
+                             save_training_checkpoint)
+from util.data import build_dataset, eval_loader, eval_transform, finetune_transform, train_loader
+from util.distributed import cleanup, init_distributed, resolve_device
+from util.errors import UserError, run_cli
+from util.logger import setup_logging
+from util.runtime import append_json_log, resolve_amp, seed_epoch
+
+log = logging.getLogger("hpm")
+
+
+def classifier_parser() -> argparse.ArgumentParser:
+    """Flags shared by fine-tuning and linear probing: the classifier and where its weights come from."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("classifier")
+    g.add_argument("--finetune", type=str, default=None,
+                   help="pretrained weights: our pretraining checkpoints, reference HPM, MAE or timm files")
+    g.add_argument("--teacher", action="store_true", help="take the EMA teacher's weights instead of the student's")
+    g.add_argument("--global_pool", action="store_true", default=True,
+                   help="average patch tokens + fc_norm (default)")
+    g.add_argument("--cls_token", action="store_false", dest="global_pool",
+                   help="use the class token after the pretrained norm")
+    g.add_argument("--nb_classes", type=int, default=None, help="number of classes (default: the dataset's)")
+    g.add_argument("--eval", action="store_true", help="only evaluate (weights from --resume or --finetune)")
+    g.add_argument("--dist_eval", action="store_true", default=True,
+                   help="evaluate sharded across processes (always exact: no sample dropped or repeated)")
+    return p
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("ViT fine-tuning", parents=[common_parser(), classifier_parser()],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("fine-tuning recipe")
+    g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay")
+    g.add_argument("--drop_path", type=float, default=0.1, help="drop path rate")
+    g.add_argument("--color_jitter", type=float, default=None, help="color jitter (off when RandAugment is on)")
+    g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="RandAugment policy ('' for none)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--remode", type=str, default="pixel", help="random erasing mode")
+    g.add_argument("--recount", type=int, default=1, help="random erasing count")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (> 0 enables)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (> 0 enables)")
+    g.add_argument("--cutmix_minmax", type=float, nargs="+", default=None, help="cutmix min/max ratio")
+    g.add_argument("--mixup_prob", type=float, default=1.0)
+    g.add_argument("--mixup_switch_prob", type=float, default=0.5)
+    g.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"])
+    g.add_argument("--model_ema", action="store_true", help="keep and evaluate an EMA of the fine-tuned weights")
+    g.add_argument("--model_ema_decay", type=float, default=0.9999)
+    p.set_defaults(model="vit_tiny_patch4", blr=5e-4, epochs=20, warmup_epochs=2, min_lr=1e-6, weight_decay=0.05,
+                   save_every=10)
+    return p
+
+
+def build_classifier(args: argparse.Namespace, num_classes: int, **kwargs) -> nn.Module:
+    if args.input_size is not None:
+        kwargs["img_size"] = args.input_size
+    try:
+        return models_vit.create_classifier(args.model, num_classes=num_classes, global_pool=args.global_pool,
+                                            **kwargs)
+    except (ValueError, AssertionError) as exc:
+        raise UserError(str(exc) if "--model" in str(exc) else f"--model {args.model}: {exc}") from None
+
+
+def main(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    dist_info, device = init_distributed(device, args.dist_url)
+    setup_logging(dist_info.is_main)
+    check_common(args)
+    if args.eval and not (args.resume or args.finetune):
+        raise UserError("--eval needs weights: pass --resume <fine-tuned checkpoint> (or --finetune)")
+
+    probe = build_classifier(args, 1)
+    args.input_size = probe.patch_embed.img_size[0]
+    val_set = build_dataset(args.data_path, "val", eval_transform(args.input_size))
+    train_set = None if args.eval else build_dataset(args.data_path, "train", finetune_transform(args.input_size, args))
+    num_classes = args.nb_classes or getattr(train_set or val_set, "num_classes", None)
+    if not num_classes:
+        raise UserError("cannot tell the number of classes from the data: pass --nb_classes")
+    model = build_classifier(args, num_classes, drop_path_rate=args.drop_path).to(device)
+    pin = args.pin_mem and device.type == "cuda"
+    val_loader = eval_loader(val_set, dist_info, args.batch_size, args.num_workers, pin)
+    amp_dtype = resolve_amp(args.amp, device)
+
+    if args.eval:
+        if args.resume:
+            load_pretrained(model, args.resume, what="--resume", allowed_missing=())
+        else:
+            load_pretrained(model, args.finetune, teacher=args.teacher)
+        stats = evaluate(model, val_loader, device, amp_dtype)
+        log.info(f"accuracy of the network on the {stats['count']} validation images: top-1 {stats['acc1']:.2f}%"
+                 f", top-5 {stats['acc5']:.2f}%, loss {stats['loss']:.4f}")
+        cleanup()
+        return
+
+    loader = train_loader(train_set, dist_info, args.batch_size, args.num_workers, pin, args.seed)
+    output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)
+    resume_path = find_resume(args.resume, args.auto_resume, output_dir)
+    if args.finetune and resume_path is None:
+        missing = load_pretrained(model, args.finetune, teacher=args.teacher)
+        log.info(f"loaded pretrained weights from {args.finetune}; newly initialised: {', '.join(missing)}")
+        trunc_normal_(model.head.weight, std=2e-5)
+    elif resume_path is None:
+        log.warning("no --finetune given: training from random initialisation")
+
+    args.lr = effective_lr(args, dist_info.world_size)
+    param_groups = param_groups_layer_decay(model, args.weight_decay, model.no_weight_decay(),
+                                            layer_decay=args.layer_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    start_epoch, best_acc = args.start_epoch, 0.0
+    if resume_path is not None:
+        ckpt = resume_training(resume_path, FORMAT_FINETUNE, args.model,
+                               {"model": model, "model_ema": model_ema.module if model_ema else None,
+                                "optimizer": optimizer, "scaler": scaler})
+        start_epoch, best_acc = int(ckpt["next_epoch"]), float(ckpt.get("best_acc1", 0.0))
+        log.info(f"resumed from {resume_path} at epoch {start_epoch}")
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    train_model = model
+    if dist_info.world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    writer = SummaryWriter(log_dir=args.log_dir or str(output_dir)) if dist_info.is_main else None
+    log.info(f"fine-tuning {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
+             f"{num_classes} classes, {len(train_set)} training / {len(val_set)} validation images, lr {args.lr:.3g}")
+
+    start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args.seed, dist_info.rank, epoch)
+        loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(train_model, criterion, loader, optimizer, scaler, device, amp_dtype, epoch,
+                                      args, mixup_fn, model_ema, writer)
+        val_stats = evaluate(model, val_loader, device, amp_dtype)
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                  **{f"test_{k}": v for k, v in val_stats.items()}}
+        if model_ema is not None:
+            record.update({f"test_ema_{k}": v for k, v in evaluate(model_ema.module, val_loader, device,
+                                                                   amp_dtype).items()})
+        is_best = val_stats["acc1"] > best_acc
+        best_acc = max(best_acc, val_stats["acc1"])
+        if dist_info.is_main:
+            paths = [output_dir / "checkpoint-last.pth"]
+            if is_best:
+                paths.append(output_dir / "checkpoint-best.pth")
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                paths.append(output_dir / f"checkpoint-{epoch}.pth")
+            save_training_checkpoint(paths, FORMAT_FINETUNE, args.model, epoch + 1, args,
+                                     {"model": model, "model_ema": model_ema.module if model_ema else None,
+                                      "optimizer": optimizer, "scaler": scaler, "best_acc1": best_acc})
+            append_json_log(output_dir / "log.txt", {**record, "best_acc1": best_acc})
+            for key in ("acc1", "acc5", "loss"):
+                writer.add_scalar(f"test/{key}", val_stats[key], epoch)
+            writer.flush()
+        ema_note = f", EMA top-1 {record['test_ema_acc1']:.2f}%" if model_ema is not None else ""
+        log.info(f"epoch {epoch}: top-1 {val_stats['acc1']:.2f}% top-5 {val_stats['acc5']:.2f}% on "
+                 f"{val_stats['count']} images (best {best_acc:.2f}%){ema_note}")
+    if writer is not None:
+        writer.close()
+    log.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best top-1 {best_acc:.2f}%")
+    cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))
