@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"])
     g.add_argument("--model_ema", action="store_true", help="keep and evaluate an EMA of the fine-tuned weights")
     g.add_argument("--model_ema_decay", type=float, default=0.9999)
-    p.set_defaults(model="vit_tiny_patch4", blr=5e-4, epochs=20, warmup_epochs=2, min_lr=1e-6, weight_decay=0.05,
+    p.set_defaults(model="vit_tiny_patch4", blr=2e-3, epochs=30, warmup_epochs=2, min_lr=1e-6, weight_decay=0.05,
                    save_every=10)
     return p
 

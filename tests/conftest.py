@@ -19,3 +19,14 @@ def reference() -> dict:
     if not REFERENCE_VECTORS.is_file():
         pytest.skip(f"reference vectors not found at {REFERENCE_VECTORS}")
     return torch.load(REFERENCE_VECTORS, weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def pretrained_checkpoint(tmp_path_factory):
+    """A real 1-epoch HPM pretraining run on the built-in digits, shared by the evaluation tests."""
+    from tests.helpers import run_script
+    out = tmp_path_factory.mktemp("pretrain")
+    res = run_script("main_pretrain.py", "--epochs", "1", "--output_dir", str(out), "--batch_size", "64",
+                     "--num_workers", "0")
+    assert res.returncode == 0, res.stderr
+    return out / "checkpoint-last.pth"

@@ -151,12 +151,9 @@ def _log(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_pretrain_finetune_eval_resume_end_to_end(tmp_path):
-    pre, ft = tmp_path / "pre", tmp_path / "ft"
-    res = run_script("main_pretrain.py", "--epochs", "1", "--output_dir", str(pre), "--batch_size", "64",
-                     "--num_workers", "0")
-    assert res.returncode == 0, res.stderr
-    common = ["--finetune", str(pre / "checkpoint-last.pth"), "--output_dir", str(ft), *TINY, "--batch_size", "64",
+def test_pretrain_finetune_eval_resume_end_to_end(tmp_path, pretrained_checkpoint):
+    ft = tmp_path / "ft"
+    common = ["--finetune", str(pretrained_checkpoint), "--output_dir", str(ft), *TINY, "--batch_size", "64",
               "--blr", "2e-3", "--warmup_epochs", "1", "--model_ema"]
     res = run_script("main_finetune.py", "--epochs", "2", *common)
     assert res.returncode == 0, res.stderr

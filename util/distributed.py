@@ -61,3 +61,17 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+def gather_in_order(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Reassemble rows sharded round-robin (rank r holds rows r, r + W, ...) into dataset order."""
+    if not is_distributed():
+        return local
+    world = dist.get_world_size()
+    per_rank = -(-total // world)
+    padded = torch.zeros(per_rank, *local.shape[1:], dtype=local.dtype, device=local.device)
+    padded[:local.shape[0]] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    stacked = torch.stack(gathered, dim=1)                # (per_rank, W, ...): row j of rank r = item j*W + r
+    return stacked.reshape(per_rank * world, *local.shape[1:])[:total]

@@ -1,0 +1,105 @@
+"""Weighted kNN evaluation (DINO's protocol) of a pretrained encoder's frozen features.
+
+`python main_knn.py --finetune output_dir/checkpoint-last.pth` evaluates on the built-in digits.
+"""
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from main_finetune import build_classifier
+from models_vit import features
+from util.args import check_output_dir
+from util.checkpoint import load_file, load_pretrained
+from util.data import build_dataset, eval_loader, eval_transform
+from util.distributed import DistInfo, cleanup, gather_in_order, init_distributed, resolve_device
+from util.errors import UserError, run_cli
+from util.knn import knn_classify
+from util.logger import setup_logging
+from util.runtime import append_json_log, autocast, resolve_amp
+
+log = logging.getLogger("hpm")
+FEATURE_FILES = ("train_features", "train_labels", "val_features", "val_labels")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("kNN evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", type=str, default="vit_tiny_patch4", help="registered classifier name")
+    p.add_argument("--input_size", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--finetune", type=str, default=None, help="pretrained weights (any supported format)")
+    p.add_argument("--teacher", action="store_true", help="take the EMA teacher's weights")
+    p.add_argument("--global_pool", action="store_true", help="average patch tokens (+ fc_norm) instead of the class token")
+    p.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="values of k")
+    p.add_argument("--temperature", type=float, default=0.07, help="voting weight exp(similarity / T)")
+    p.add_argument("--batch_size", type=int, default=128, help="images per process per batch")
+    p.add_argument("--data_path", type=str, default=None, help="DIR with train/ and val/; default: built-in digits")
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--output_dir", type=str, default="./output_dir", help="where log_knn.txt is appended")
+    p.add_argument("--dump_features", type=str, default=None, help="save the extracted features to DIR")
+    p.add_argument("--load_features", type=str, default=None, help="reuse features saved with --dump_features")
+    p.add_argument("--amp", choices=["auto", "fp16", "bf16", "none"], default="auto")
+    p.add_argument("--device", type=str, default="auto")
+    p.add_argument("--dist_url", type=str, default="env://")
+    return p
+
+
+@torch.no_grad()
+def extract(model: torch.nn.Module, dataset, dist_info: DistInfo, args, device, amp_dtype) -> tuple:
+    """Features and labels of the whole dataset, in dataset order, on every rank."""
+    loader = eval_loader(dataset, dist_info, args.batch_size, args.num_workers, device.type == "cuda")
+    feats, labels = [], []
+    for imgs, targets in loader:
+        with autocast(device, amp_dtype):
+            feats.append(features(model, imgs.to(device, non_blocking=True)).float())
+        labels.append(targets.to(device))
+    feats = torch.cat(feats) if feats else torch.zeros(0, model.num_features, device=device)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    return gather_in_order(feats, len(dataset)).cpu(), gather_in_order(labels, len(dataset)).cpu()
+
+
+def main(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    dist_info, device = init_distributed(device, args.dist_url)
+    setup_logging(dist_info.is_main)
+    if args.batch_size < 1 or min(args.nb_knn) < 1:
+        raise UserError("--batch_size and every --nb_knn value must be at least 1")
+    output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)
+    if args.load_features:
+        stored = {name: load_file(Path(args.load_features) / f"{name}.pth", "--load_features")["tensor"]
+                  for name in FEATURE_FILES}
+        train_f, train_l, val_f, val_l = (stored[n] for n in FEATURE_FILES)
+    else:
+        if not args.finetune:
+            log.warning("no --finetune given: features of a randomly initialised encoder")
+        model = build_classifier(args, 0)
+        if args.finetune:
+            load_pretrained(model, args.finetune, teacher=args.teacher,
+                            allowed_missing=("fc_norm.weight", "fc_norm.bias"))
+        model = model.to(device).eval()
+        size = model.patch_embed.img_size[0]
+        amp_dtype = resolve_amp(args.amp, device)
+        train_set = build_dataset(args.data_path, "train", eval_transform(size))
+        val_set = build_dataset(args.data_path, "val", eval_transform(size))
+        train_f, train_l = extract(model, train_set, dist_info, args, device, amp_dtype)
+        val_f, val_l = extract(model, val_set, dist_info, args, device, amp_dtype)
+        if args.dump_features and dist_info.is_main:
+            dump = check_output_dir(args.dump_features, "--dump_features")
+            for name, tensor in zip(FEATURE_FILES, (train_f, train_l, val_f, val_l)):
+                torch.save({"tensor": tensor}, dump / f"{name}.pth")
+            log.info(f"features saved to {dump}")
+    if dist_info.is_main:
+        log.info(f"kNN on {len(train_l)} training / {len(val_l)} validation features of dimension {train_f.shape[1]}")
+        results = knn_classify(train_f, train_l, val_f, val_l, args.nb_knn, args.temperature)
+        for k, (top1, top5) in results.items():
+            log.info(f"{k}-NN classifier: top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+        append_json_log(output_dir / "log_knn.txt", {"finetune": args.finetune, "teacher": args.teacher,
+                                                     "temperature": args.temperature,
+                                                     **{f"k{k}_acc1": r[0] for k, r in results.items()},
+                                                     **{f"k{k}_acc5": r[1] for k, r in results.items()}})
+    cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))
