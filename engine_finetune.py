@@ -1,27 +1,43 @@
 """Fine-tuning / linear-probing epochs and the full-validation-set evaluation."""
+import datetime
+import logging
 import math
+import time
 from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from util.distributed import is_distributed
+from util.distributed import is_distributed, reduce_stats
 from util.errors import UserError
 from util.logger import MetricLogger
-from util.runtime import autocast
+from util.checkpoint import save_training_checkpoint
+from util.preemption import STOP, ResumePoint, rng_state
+from util.runtime import append_json_log, autocast, seed_epoch
 from util.schedules import cosine_lr
+
+log = logging.getLogger("hpm")
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, device: torch.device, amp_dtype, epoch: int, args,
-                    mixup_fn: Callable | None = None, model_ema=None, writer=None) -> dict[str, float]:
+                    mixup_fn: Callable | None = None, model_ema=None, writer=None,
+                    first_step: int = 0) -> tuple[dict[str, float], int]:
+    """Train from `first_step` to the end of the epoch, or until a stop is requested.
+
+    Returns the epoch's averaged metrics and the index of the next step to run.
+    """
     model.train()
     metrics = MetricLogger()
-    steps = len(loader)
+    steps = first_step + len(loader)
+    next_step = steps
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    for step, (imgs, targets) in enumerate(metrics.log_every(loader, args.print_freq, f"Epoch [{epoch}/{args.epochs}]")):
+    header = f"Epoch [{epoch}/{args.epochs}]"
+    for step, (imgs, targets) in enumerate(metrics.log_every(loader, args.print_freq, header), start=first_step):
         if step % args.accum_iter == 0:
             lr = cosine_lr(epoch + step / steps, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
             for group in optimizer.param_groups:
@@ -52,9 +68,12 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
             if writer is not None:
                 for name, value in metrics.last.items():
                     writer.add_scalar(f"train/{name}", float(value), epoch * steps + step)
-    stats = metrics.averages()
-    check_finite(stats["loss"], epoch, steps - 1, scaler)
-    return stats
+        if last_micro_step and STOP.requested(device, sync=(step + 1) // args.accum_iter % args.print_freq == 0):
+            next_step = step + 1
+            break
+    stats = reduce_stats(metrics.averages(), device)
+    check_finite(stats["loss"], epoch, next_step - 1, scaler)
+    return stats, next_step
 
 
 def check_finite(loss: float, epoch: int, step: int, scaler: torch.amp.GradScaler) -> None:
@@ -85,3 +104,80 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> 
     loss, top1, top5, count = totals.tolist()
     count = max(count, 1.0)
     return {"loss": loss / count, "acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "count": int(count)}
+
+
+@dataclass
+class ClassifierRun:
+    """What `fit` needs besides the model: the loaders, optimisation objects and outputs."""
+    train_model: nn.Module                 # what the loop calls (possibly DDP-wrapped)
+    saved_model: nn.Module                 # what checkpoints hold and validation scores
+    criterion: nn.Module
+    loader: object
+    val_loader: object
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    fmt: str                               # checkpoint format
+    output_dir: Path
+    is_main: bool
+    rank: int = 0
+    mixup_fn: Callable | None = None
+    model_ema: object | None = None
+    writer: object | None = None
+
+
+def fit(run: ClassifierRun, args, start: ResumePoint, best_acc: float = 0.0) -> float:
+    """Epochs from `start` to args.epochs: train, score the full validation set, save, log.
+
+    A stop request saves a mid-epoch checkpoint and ends the process through STOP.finish().
+    Returns the best top-1 accuracy.
+    """
+    STOP.install()
+    steps_per_epoch = len(run.loader)
+    ema_module = run.model_ema.module if run.model_ema is not None else None
+    started = time.time()
+    for epoch in range(start.epoch, args.epochs):
+        seed_epoch(args.seed, run.rank, epoch)
+        first_step = start.first_step(epoch, run.is_main)
+        run.loader.sampler.set_epoch(epoch, skip=first_step * args.batch_size)
+        train_stats, next_step = train_one_epoch(run.train_model, run.criterion, run.loader, run.optimizer,
+                                                 run.scaler, run.device, run.amp_dtype, epoch, args, run.mixup_fn,
+                                                 run.model_ema, run.writer, first_step)
+        finished = next_step >= steps_per_epoch
+        states = {"model": run.saved_model, "model_ema": ema_module, "optimizer": run.optimizer,
+                  "scaler": run.scaler, "best_acc1": best_acc}
+        if not finished:
+            if run.is_main:
+                save_training_checkpoint([run.output_dir / "checkpoint-last.pth"], run.fmt, args.model, epoch, args,
+                                         {**states, "next_step": next_step, "rng": rng_state()})
+            log.warning(f"{STOP.signal_name}: saved epoch {epoch} at step {next_step} to checkpoint-last.pth; "
+                        f"rerun the same command to resume")
+            STOP.finish()
+            return best_acc
+        val_stats = evaluate(run.saved_model, run.val_loader, run.device, run.amp_dtype)
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                  **{f"test_{k}": v for k, v in val_stats.items()}}
+        if ema_module is not None:
+            ema_stats = evaluate(ema_module, run.val_loader, run.device, run.amp_dtype)
+            record.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
+        is_best = val_stats["acc1"] > best_acc
+        best_acc = max(best_acc, val_stats["acc1"])
+        if run.is_main:
+            paths = [run.output_dir / "checkpoint-last.pth"]
+            if is_best:
+                paths.append(run.output_dir / "checkpoint-best.pth")
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                paths.append(run.output_dir / f"checkpoint-{epoch}.pth")
+            save_training_checkpoint(paths, run.fmt, args.model, epoch + 1, args, {**states, "best_acc1": best_acc})
+            append_json_log(run.output_dir / "log.txt", {**record, "best_acc1": best_acc})
+            for key in ("acc1", "acc5", "loss"):
+                run.writer.add_scalar(f"test/{key}", val_stats[key], epoch)
+            run.writer.flush()
+        ema_note = f", EMA top-1 {record['test_ema_acc1']:.2f}%" if ema_module is not None else ""
+        log.info(f"epoch {epoch}: top-1 {val_stats['acc1']:.2f}% top-5 {val_stats['acc5']:.2f}% on "
+                 f"{val_stats['count']} images (best {best_acc:.2f}%){ema_note}")
+    if run.writer is not None:
+        run.writer.close()
+    log.info(f"training time {datetime.timedelta(seconds=int(time.time() - started))}; best top-1 {best_acc:.2f}%")
+    return best_acc

@@ -11,9 +11,11 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from models_hpm import MaskedAutoencoderHPM
 from util.errors import UserError
+from util.distributed import reduce_stats
 from util.logger import MetricLogger
 from util.masking import hard_patch_mask
 from util.patches import gather_patches
+from util.preemption import STOP
 from util.runtime import autocast
 from util.schedules import cosine_lr, hard_patch_alpha, teacher_decay
 
@@ -51,11 +53,16 @@ def make_mask(setup: PretrainSetup, imgs: torch.Tensor, alpha: float) -> torch.T
     return hard_patch_mask(pred_loss, setup.student.num_masked, alpha, generator=setup.mask_generator)
 
 
-def train_one_epoch(setup: PretrainSetup, loader, epoch: int, args, writer=None) -> dict[str, float]:
+def train_one_epoch(setup: PretrainSetup, loader, epoch: int, args, writer=None,
+                    first_step: int = 0) -> tuple[dict[str, float], int]:
+    """Train from `first_step` to the end of the epoch, or until a stop is requested.
+
+    Returns the epoch's averaged metrics and the index of the next step to run.
+    """
     s = setup
     s.model.train()
     metrics = MetricLogger()
-    steps = len(loader)
+    steps = first_step + len(loader)
     alpha = hard_patch_alpha(epoch, args.epochs)
     decay = teacher_decay(epoch)
     teacher_params = list(s.teacher.parameters()) if s.teacher is not None else []
@@ -63,7 +70,9 @@ def train_one_epoch(setup: PretrainSetup, loader, epoch: int, args, writer=None)
     trainable = [p for p in student_params if p.requires_grad]
     s.optimizer.zero_grad(set_to_none=True)
 
-    for step, (imgs, _) in enumerate(metrics.log_every(loader, args.print_freq, f"Epoch [{epoch}/{args.epochs}]")):
+    next_step = steps
+    for step, (imgs, _) in enumerate(metrics.log_every(loader, args.print_freq, f"Epoch [{epoch}/{args.epochs}]"),
+                                     start=first_step):
         if step % args.accum_iter == 0:
             lr = cosine_lr(epoch + step / steps, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
             for group in s.optimizer.param_groups:
@@ -99,11 +108,14 @@ def train_one_epoch(setup: PretrainSetup, loader, epoch: int, args, writer=None)
                 if s.teacher is not None:
                     writer.add_scalar("train/alpha", alpha, global_step)
                     writer.add_scalar("train/teacher_decay", decay, global_step)
-    stats = metrics.averages()
-    check_finite(stats, epoch, steps - 1, s.scaler)
+        if last_micro_step and STOP.requested(s.device, sync=(step + 1) // args.accum_iter % args.print_freq == 0):
+            next_step = step + 1
+            break
+    stats = reduce_stats(metrics.averages(), s.device)
+    check_finite(stats, epoch, next_step - 1, s.scaler)
     if s.teacher is not None:
         stats.update(alpha=alpha, teacher_decay=decay)
-    return stats
+    return stats, next_step
 
 
 def check_finite(values: dict, epoch: int, step: int, scaler: torch.amp.GradScaler) -> None:

@@ -4,9 +4,7 @@
 `--finetune output_dir/checkpoint-last.pth` to start from a pretraining run.
 """
 import argparse
-import datetime
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -20,15 +18,15 @@ from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 
 import models_vit
-from engine_finetune import evaluate, train_one_epoch
+from engine_finetune import ClassifierRun, evaluate, fit
 from util.args import check_common, check_output_dir, common_parser, effective_lr
-from util.checkpoint import (FORMAT_FINETUNE, find_resume, load_pretrained, resume_training,
-                             save_training_checkpoint)
+from util.checkpoint import FORMAT_FINETUNE, find_resume, load_pretrained, resume_training
 from util.data import build_dataset, eval_loader, eval_transform, finetune_transform, train_loader
 from util.distributed import cleanup, init_distributed, resolve_device
 from util.errors import UserError, run_cli
 from util.logger import setup_logging
-from util.runtime import append_json_log, resolve_amp, seed_epoch
+from util.preemption import ResumePoint
+from util.runtime import resolve_amp
 
 log = logging.getLogger("hpm")
 
@@ -101,6 +99,7 @@ def main(args: argparse.Namespace) -> None:
     num_classes = args.nb_classes or getattr(train_set or val_set, "num_classes", None)
     if not num_classes:
         raise UserError("cannot tell the number of classes from the data: pass --nb_classes")
+    torch.manual_seed(args.seed)
     model = build_classifier(args, num_classes, drop_path_rate=args.drop_path).to(device)
     pin = args.pin_mem and device.type == "cuda"
     val_loader = eval_loader(val_set, dist_info, args.batch_size, args.num_workers, pin)
@@ -133,13 +132,13 @@ def main(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    start_epoch, best_acc = args.start_epoch, 0.0
+    start, best_acc = ResumePoint(args.start_epoch), 0.0
     if resume_path is not None:
         ckpt = resume_training(resume_path, FORMAT_FINETUNE, args.model,
                                {"model": model, "model_ema": model_ema.module if model_ema else None,
                                 "optimizer": optimizer, "scaler": scaler})
-        start_epoch, best_acc = int(ckpt["next_epoch"]), float(ckpt.get("best_acc1", 0.0))
-        log.info(f"resumed from {resume_path} at epoch {start_epoch}")
+        start, best_acc = ResumePoint.from_checkpoint(ckpt), float(ckpt.get("best_acc1", 0.0))
+        log.info(f"resumed from {resume_path} at epoch {start.epoch}" + (f", step {start.step}" if start.step else ""))
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
@@ -159,39 +158,9 @@ def main(args: argparse.Namespace) -> None:
     log.info(f"fine-tuning {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
              f"{num_classes} classes, {len(train_set)} training / {len(val_set)} validation images, lr {args.lr:.3g}")
 
-    start = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        seed_epoch(args.seed, dist_info.rank, epoch)
-        loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(train_model, criterion, loader, optimizer, scaler, device, amp_dtype, epoch,
-                                      args, mixup_fn, model_ema, writer)
-        val_stats = evaluate(model, val_loader, device, amp_dtype)
-        record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                  **{f"test_{k}": v for k, v in val_stats.items()}}
-        if model_ema is not None:
-            record.update({f"test_ema_{k}": v for k, v in evaluate(model_ema.module, val_loader, device,
-                                                                   amp_dtype).items()})
-        is_best = val_stats["acc1"] > best_acc
-        best_acc = max(best_acc, val_stats["acc1"])
-        if dist_info.is_main:
-            paths = [output_dir / "checkpoint-last.pth"]
-            if is_best:
-                paths.append(output_dir / "checkpoint-best.pth")
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                paths.append(output_dir / f"checkpoint-{epoch}.pth")
-            save_training_checkpoint(paths, FORMAT_FINETUNE, args.model, epoch + 1, args,
-                                     {"model": model, "model_ema": model_ema.module if model_ema else None,
-                                      "optimizer": optimizer, "scaler": scaler, "best_acc1": best_acc})
-            append_json_log(output_dir / "log.txt", {**record, "best_acc1": best_acc})
-            for key in ("acc1", "acc5", "loss"):
-                writer.add_scalar(f"test/{key}", val_stats[key], epoch)
-            writer.flush()
-        ema_note = f", EMA top-1 {record['test_ema_acc1']:.2f}%" if model_ema is not None else ""
-        log.info(f"epoch {epoch}: top-1 {val_stats['acc1']:.2f}% top-5 {val_stats['acc5']:.2f}% on "
-                 f"{val_stats['count']} images (best {best_acc:.2f}%){ema_note}")
-    if writer is not None:
-        writer.close()
-    log.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best top-1 {best_acc:.2f}%")
+    run = ClassifierRun(train_model, model, criterion, loader, val_loader, optimizer, scaler, device, amp_dtype,
+                        FORMAT_FINETUNE, output_dir, dist_info.is_main, dist_info.rank, mixup_fn, model_ema, writer)
+    fit(run, args, start, best_acc)
     cleanup()
 
 

@@ -3,7 +3,6 @@
 `python main_knn.py --finetune output_dir/checkpoint-last.pth` evaluates on the built-in digits.
 """
 import argparse
-import json
 import logging
 from pathlib import Path
 

@@ -3,9 +3,7 @@
 `python main_linprobe.py` probes on the built-in digits; pass `--finetune` with pretrained weights.
 """
 import argparse
-import datetime
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -16,18 +14,18 @@ from torchvision import transforms
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 
-from engine_finetune import evaluate, train_one_epoch
+from engine_finetune import ClassifierRun, evaluate, fit
 from main_finetune import build_classifier, classifier_parser
 from models_vit import features
 from util.args import check_common, check_output_dir, common_parser, effective_lr
-from util.checkpoint import (FORMAT_LINPROBE, find_resume, load_pretrained, resume_training,
-                             save_training_checkpoint)
+from util.checkpoint import FORMAT_LINPROBE, find_resume, load_pretrained, resume_training
 from util.data import build_dataset, eval_loader, eval_transform, train_loader
 from util.distributed import cleanup, init_distributed, resolve_device
 from util.errors import UserError, run_cli
 from util.lars import LARS
 from util.logger import setup_logging
-from util.runtime import append_json_log, resolve_amp, seed_epoch
+from util.preemption import ResumePoint
+from util.runtime import resolve_amp
 
 log = logging.getLogger("hpm")
 
@@ -96,6 +94,7 @@ def main(args: argparse.Namespace) -> None:
     num_classes = args.nb_classes or getattr(train_set, "num_classes", None)
     if not num_classes:
         raise UserError("cannot tell the number of classes from the data: pass --nb_classes")
+    torch.manual_seed(args.seed)
     vit = build_classifier(args, num_classes)
     if args.finetune:
         load_pretrained(vit, args.finetune, teacher=args.teacher)
@@ -123,13 +122,13 @@ def main(args: argparse.Namespace) -> None:
 
     loader = train_loader(train_set, dist_info, args.batch_size, args.num_workers, pin, args.seed)
     output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)
-    start_epoch, best_acc = args.start_epoch, 0.0
+    start, best_acc = ResumePoint(args.start_epoch), 0.0
     resume_path = find_resume(args.resume, args.auto_resume, output_dir)
     if resume_path is not None:
         ckpt = resume_training(resume_path, FORMAT_LINPROBE, args.model,
                                {"model": model.vit, "optimizer": optimizer, "scaler": scaler})
-        start_epoch, best_acc = int(ckpt["next_epoch"]), float(ckpt.get("best_acc1", 0.0))
-        log.info(f"resumed from {resume_path} at epoch {start_epoch}")
+        start, best_acc = ResumePoint.from_checkpoint(ckpt), float(ckpt.get("best_acc1", 0.0))
+        log.info(f"resumed from {resume_path} at epoch {start.epoch}" + (f", step {start.step}" if start.step else ""))
     train_model = model
     if dist_info.world_size > 1:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -138,34 +137,9 @@ def main(args: argparse.Namespace) -> None:
              f"{num_classes} classes, {len(train_set)} training / {len(val_set)} validation images, "
              f"{args.optimizer} lr {args.lr:.3g}")
 
-    criterion = nn.CrossEntropyLoss()
-    start = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        seed_epoch(args.seed, dist_info.rank, epoch)
-        loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(train_model, criterion, loader, optimizer, scaler, device, amp_dtype, epoch,
-                                      args, writer=writer)
-        val_stats = evaluate(model, val_loader, device, amp_dtype)
-        is_best = val_stats["acc1"] > best_acc
-        best_acc = max(best_acc, val_stats["acc1"])
-        if dist_info.is_main:
-            paths = [output_dir / "checkpoint-last.pth"] + ([output_dir / "checkpoint-best.pth"] if is_best else [])
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                paths.append(output_dir / f"checkpoint-{epoch}.pth")
-            save_training_checkpoint(paths, FORMAT_LINPROBE, args.model, epoch + 1, args,
-                                     {"model": model.vit, "optimizer": optimizer, "scaler": scaler,
-                                      "best_acc1": best_acc})
-            append_json_log(output_dir / "log.txt", {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                                                     **{f"test_{k}": v for k, v in val_stats.items()},
-                                                     "best_acc1": best_acc})
-            for key in ("acc1", "acc5", "loss"):
-                writer.add_scalar(f"test/{key}", val_stats[key], epoch)
-            writer.flush()
-        log.info(f"epoch {epoch}: top-1 {val_stats['acc1']:.2f}% top-5 {val_stats['acc5']:.2f}% on "
-                 f"{val_stats['count']} images (best {best_acc:.2f}%)")
-    if writer is not None:
-        writer.close()
-    log.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best top-1 {best_acc:.2f}%")
+    run = ClassifierRun(train_model, model.vit, nn.CrossEntropyLoss(), loader, val_loader, optimizer, scaler, device,
+                        amp_dtype, FORMAT_LINPROBE, output_dir, dist_info.is_main, dist_info.rank, writer=writer)
+    fit(run, args, start, best_acc)
     cleanup()
 
 

@@ -22,6 +22,7 @@ from util.distributed import cleanup, init_distributed, resolve_device
 from util.errors import UserError, run_cli
 from util.logger import setup_logging
 from util.masking import block_mask, random_mask, regular_mask
+from util.preemption import STOP, ResumePoint, rng_state
 from util.runtime import append_json_log, resolve_amp, seed_epoch
 from util.schedules import hard_patch_alpha
 
@@ -96,6 +97,7 @@ def main(args: argparse.Namespace) -> None:
         args.log_dir = str(Path(args.log_dir) / args.experiment) if args.log_dir else None
 
     # Everything that can fail on bad input happens before the output directory is touched.
+    torch.manual_seed(args.seed)   # the same initial student (and so teacher) on every process
     student = build_model(args).to(device)
     args.input_size = student.patch_embed.img_size[0]
     dataset = build_dataset(args.data_path, "train", pretrain_transform(args.input_size))
@@ -110,14 +112,14 @@ def main(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(param_groups_weight_decay(student, args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch = args.start_epoch
+    start = ResumePoint(args.start_epoch)
     if resume_path is not None:
         ckpt = resume_training(resume_path, FORMAT_PRETRAIN, args.model,
                                {"model": student, "teacher": teacher, "optimizer": optimizer, "scaler": scaler})
         if teacher is None and ckpt.get("teacher") is not None:
             raise UserError(f"--resume {resume_path}: an HPM checkpoint, but --no-learning_loss is set; drop it")
-        start_epoch = int(ckpt["next_epoch"])
-        log.info(f"resumed from {resume_path} at epoch {start_epoch}")
+        start = ResumePoint.from_checkpoint(ckpt)
+        log.info(f"resumed from {resume_path} at epoch {start.epoch}" + (f", step {start.step}" if start.step else ""))
     model = student
     if dist_info.world_size > 1:
         model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
@@ -137,27 +139,38 @@ def main(args: argparse.Namespace) -> None:
              f"lr {args.lr:.3g}, effective batch {args.batch_size * args.accum_iter * dist_info.world_size}, "
              f"amp {amp_dtype}")
 
-    start = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        epoch_seed = seed_epoch(args.seed, dist_info.rank, epoch)
-        mask_generator.manual_seed(epoch_seed)
-        loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(setup, loader, epoch, args, writer)
+    STOP.install()
+    steps_per_epoch = len(loader)
+    started = time.time()
+    for epoch in range(start.epoch, args.epochs):
+        mask_generator.manual_seed(seed_epoch(args.seed, dist_info.rank, epoch))
+        first_step = start.first_step(epoch, dist_info.is_main, mask_generator)
+        loader.sampler.set_epoch(epoch, skip=first_step * args.batch_size)
+        stats, next_step = train_one_epoch(setup, loader, epoch, args, writer, first_step)
+        finished = next_step >= steps_per_epoch
         if dist_info.is_main:
             paths = [output_dir / "checkpoint-last.pth"]
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+            if finished and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
                 paths.append(output_dir / f"checkpoint-{epoch}.pth")
-            save_training_checkpoint(paths, FORMAT_PRETRAIN, args.model, epoch + 1, args,
-                                     {"model": student, "teacher": teacher, "optimizer": optimizer, "scaler": scaler})
+            save_training_checkpoint(paths, FORMAT_PRETRAIN, args.model, epoch + int(finished), args,
+                                     {"model": student, "teacher": teacher, "optimizer": optimizer, "scaler": scaler,
+                                      "next_step": 0 if finished else next_step,
+                                      "rng": None if finished else rng_state(mask_generator)})
+        if not finished:
+            log.warning(f"{STOP.signal_name}: saved epoch {epoch} at step {next_step} to checkpoint-last.pth; "
+                        f"rerun the same command to resume")
+            STOP.finish()
+            return
+        if dist_info.is_main:
             append_json_log(output_dir / "log.txt", {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
                                                      "n_parameters": n_params})
             log_images(writer, setup, preview_imgs, epoch, args)
-            done = epoch + 1 - start_epoch
-            eta = (time.time() - start) / done * (args.epochs - epoch - 1)
+            done = epoch + 1 - start.epoch
+            eta = (time.time() - started) / done * (args.epochs - epoch - 1)
             log.info(f"epoch {epoch} done: loss {stats['loss']:.4f}; run ETA {datetime.timedelta(seconds=int(eta))}")
     if writer is not None:
         writer.close()
-    log.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
+    log.info(f"training time {datetime.timedelta(seconds=int(time.time() - started))}")
     cleanup()
 
 

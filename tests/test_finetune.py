@@ -5,7 +5,6 @@ import pickle
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from models_hpm import create_pretrain_model
 from models_vit import create_classifier, features

@@ -3,7 +3,6 @@ import argparse
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 

@@ -3,6 +3,7 @@
 Augmentation randomness is seeded per sample from (seed, epoch, index), so a run resumed at an
 epoch boundary sees exactly the crops and flips of an uninterrupted one, whatever the workers.
 """
+import itertools
 import random
 from pathlib import Path
 from typing import Callable
@@ -135,11 +136,21 @@ def eval_transform(input_size: int, crop_pct: float = 224 / 256) -> Callable:
 
 
 class EpochSampler(DistributedSampler):
-    """A DistributedSampler that yields (epoch, index), so each sample can seed its augmentation."""
+    """A DistributedSampler that yields (epoch, index), so each sample can seed its augmentation,
+    and can skip the samples an interrupted epoch already consumed."""
+
+    skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self):
         epoch = self.epoch
-        return ((epoch, i) for i in super().__iter__())
+        return ((epoch, i) for i in itertools.islice(super().__iter__(), self.skip, None))
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
 
 
 class SeededDataset(Dataset):

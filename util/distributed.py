@@ -53,6 +53,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def reduce_stats(stats: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average per-process metrics over all processes (identity in a single process)."""
+    if not is_distributed() or not stats:
+        return stats
+    keys = sorted(stats)
+    values = all_reduce_mean(torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device))
+    return dict(zip(keys, values.tolist()))
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
