@@ -49,8 +49,8 @@ def classifier_parser() -> argparse.ArgumentParser:
     return p
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("ViT fine-tuning", parents=[common_parser(), classifier_parser()],
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("ViT fine-tuning", add_help=add_help, parents=[common_parser(), classifier_parser()],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("fine-tuning recipe")
     g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay")

@@ -23,8 +23,8 @@ log = logging.getLogger("hpm")
 FEATURE_FILES = ("train_features", "train_labels", "val_features", "val_labels")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("kNN evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("kNN evaluation", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", type=str, default="vit_tiny_patch4", help="registered classifier name")
     p.add_argument("--input_size", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--finetune", type=str, default=None, help="pretrained weights (any supported format)")

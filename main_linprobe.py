@@ -60,8 +60,8 @@ class LinearProbe(nn.Module):
         return self.vit.head(feats)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Linear probing", parents=[common_parser(), classifier_parser()],
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Linear probing", add_help=add_help, parents=[common_parser(), classifier_parser()],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("linear probing")
     g.add_argument("--optimizer", choices=["lars", "sgd"], default="lars",

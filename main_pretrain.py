@@ -29,8 +29,8 @@ from util.schedules import hard_patch_alpha
 log = logging.getLogger("hpm")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("HPM pretraining", parents=[common_parser()],
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("HPM pretraining", add_help=add_help, parents=[common_parser()],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("HPM")
     g.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches masked")
@@ -86,7 +86,8 @@ def mae_mask_fn(args: argparse.Namespace, model: models_hpm.MaskedAutoencoderHPM
     return lambda n, device, gen: random_mask(n, g * g, m, device=device, generator=gen)
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> tuple[models_hpm.MaskedAutoencoderHPM, models_hpm.MaskedAutoencoderHPM | None]:
+    """Pretrain; returns the student and the teacher (None for MAE) for programmatic use."""
     device = resolve_device(args.device)
     dist_info, device = init_distributed(device, args.dist_url)
     setup_logging(dist_info.is_main)
@@ -160,7 +161,7 @@ def main(args: argparse.Namespace) -> None:
             log.warning(f"{STOP.signal_name}: saved epoch {epoch} at step {next_step} to checkpoint-last.pth; "
                         f"rerun the same command to resume")
             STOP.finish()
-            return
+            return student, teacher
         if dist_info.is_main:
             append_json_log(output_dir / "log.txt", {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
                                                      "n_parameters": n_params})
@@ -172,6 +173,7 @@ def main(args: argparse.Namespace) -> None:
         writer.close()
     log.info(f"training time {datetime.timedelta(seconds=int(time.time() - started))}")
     cleanup()
+    return student, teacher
 
 
 def log_images(writer: SummaryWriter, setup: PretrainSetup, imgs: torch.Tensor, epoch: int, args) -> None:

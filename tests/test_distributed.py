@@ -1,0 +1,71 @@
+"""Real torchrun (gloo on CPU) and real submitit (its local executor) runs."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from tests.helpers import REPO, run_script
+from util.checkpoint import load_file
+from util.launcher import launcher_parser, submit
+
+import main_pretrain
+
+TORCHRUN = shutil.which("torchrun")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [TORCHRUN or "torchrun", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_torchrun_pretraining_keeps_ranks_identical(tmp_path):
+    out = tmp_path / "out"
+    res = _torchrun("tests/dist_worker.py", str(tmp_path), "--epochs", "1", "--batch_size", "32",
+                    "--num_workers", "0", "--output_dir", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")
+    for part in ("student", "teacher"):
+        for name, value in r0[part].items():
+            assert torch.equal(value, r1[part][name]), f"{part}.{name} differs between ranks"
+    ckpt = load_file(out / "checkpoint-last.pth")
+    assert ckpt["args"]["world_size"] == 2 and ckpt["next_epoch"] == 1
+    for name, value in ckpt["teacher"].items():
+        assert torch.equal(value, r0["teacher"][name])
+    assert "2 process(es)" in res.stdout
+    assert res.stdout.count("epoch 0 done") == 1       # only rank 0 logs
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_knn_two_processes_equal_one(tmp_path, pretrained_checkpoint):
+    common = ["--finetune", str(pretrained_checkpoint), "--num_workers", "0", "--batch_size", "50",
+              "--nb_knn", "10", "20"]
+    single = run_script("main_knn.py", *common, "--output_dir", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    multi = _torchrun("main_knn.py", *common, "--output_dir", str(tmp_path / "two"))
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "log_knn.txt").read_text())
+    two = json.loads((tmp_path / "two" / "log_knn.txt").read_text())
+    assert one == two
+
+
+def test_submitit_local_job_requeues_on_timeout_and_finishes(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    parser = launcher_parser(main_pretrain.get_args_parser(add_help=False), "test")
+    args = parser.parse_args([
+        "--cluster", "local", "--ngpus", "0", "--ntasks_per_node", "2", "--timeout", "0.5",
+        "--signal_delay_s", "15", "--job_dir", str(tmp_path / "jobs" / "%j"), "--output_dir", str(out),
+        "--epochs", "6", "--batch_size", "32", "--num_workers", "0", "--print_freq", "2"])
+    job = submit("main_pretrain", args)
+    job.wait()
+    log = job.paths.stdout.read_text()
+    epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
+    assert epochs == list(range(6)), epochs
+    assert load_file(out / "checkpoint-last.pth")["next_epoch"] == 6
+    assert "saved epoch" in log and "resumed from" in log, log[-2000:]
