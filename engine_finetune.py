@@ -16,7 +16,7 @@ from util.errors import UserError
 from util.logger import MetricLogger
 from util.checkpoint import save_training_checkpoint
 from util.preemption import STOP, ResumePoint, rng_state
-from util.runtime import append_json_log, autocast, seed_epoch
+from util.runtime import append_json_log, autocast, optimizer_step, seed_epoch
 from util.schedules import cosine_lr
 
 log = logging.getLogger("hpm")
@@ -54,12 +54,11 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
             scaler.scale(loss / args.accum_iter).backward()
         values = {"loss": loss}
         if last_micro_step:
-            scaler.unscale_(optimizer)
-            if args.clip_grad:
-                values["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, skipped = optimizer_step(optimizer, scaler, trainable, args.clip_grad)
+            if grad_norm is not None:
+                values["grad_norm"] = grad_norm
+            if scaler.is_enabled():
+                values["skipped_steps"] = skipped
             if model_ema is not None:
                 model_ema.update(model)
         metrics.update(**values, lr=lr)
@@ -71,7 +70,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
         if last_micro_step and STOP.requested(device, sync=(step + 1) // args.accum_iter % args.print_freq == 0):
             next_step = step + 1
             break
-    stats = reduce_stats(metrics.averages(), device)
+    stats = metrics.averages()
+    if "skipped_steps" in stats:   # fp16: a count of the steps the scaler skipped, not a mean
+        stats["skipped_steps"] = float(metrics.sums["skipped_steps"])
+    stats = reduce_stats(stats, device)
     check_finite(stats["loss"], epoch, next_step - 1, scaler)
     return stats, next_step
 

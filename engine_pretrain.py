@@ -16,7 +16,7 @@ from util.logger import MetricLogger
 from util.masking import hard_patch_mask
 from util.patches import gather_patches
 from util.preemption import STOP
-from util.runtime import autocast
+from util.runtime import autocast, optimizer_step
 from util.schedules import cosine_lr, hard_patch_alpha, teacher_decay
 
 MaskFn = Callable[[int, torch.device, torch.Generator], torch.Tensor]
@@ -90,12 +90,11 @@ def train_one_epoch(setup: PretrainSetup, loader, epoch: int, args, writer=None,
         if losses.loss_pred is not None:
             values["loss_pred"] = losses.loss_pred
         if last_micro_step:
-            s.scaler.unscale_(s.optimizer)
-            if args.clip_grad:
-                values["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
-            s.scaler.step(s.optimizer)
-            s.scaler.update()
-            s.optimizer.zero_grad(set_to_none=True)
+            grad_norm, skipped = optimizer_step(s.optimizer, s.scaler, trainable, args.clip_grad)
+            if grad_norm is not None:
+                values["grad_norm"] = grad_norm
+            if s.scaler.is_enabled():
+                values["skipped_steps"] = skipped
             if s.teacher is not None:
                 update_teacher(teacher_params, student_params, decay)
         metrics.update(**values, lr=lr)
@@ -111,7 +110,10 @@ def train_one_epoch(setup: PretrainSetup, loader, epoch: int, args, writer=None,
         if last_micro_step and STOP.requested(s.device, sync=(step + 1) // args.accum_iter % args.print_freq == 0):
             next_step = step + 1
             break
-    stats = reduce_stats(metrics.averages(), s.device)
+    stats = metrics.averages()
+    if "skipped_steps" in stats:   # fp16: a count of the steps the scaler skipped, not a mean
+        stats["skipped_steps"] = float(metrics.sums["skipped_steps"])
+    stats = reduce_stats(stats, s.device)
     check_finite(stats, epoch, next_step - 1, s.scaler)
     if s.teacher is not None:
         stats.update(alpha=alpha, teacher_decay=decay)

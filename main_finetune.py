@@ -94,8 +94,9 @@ def main(args: argparse.Namespace) -> None:
 
     probe = build_classifier(args, 1)
     args.input_size = probe.patch_embed.img_size[0]
-    val_set = build_dataset(args.data_path, "val", eval_transform(args.input_size))
-    train_set = None if args.eval else build_dataset(args.data_path, "train", finetune_transform(args.input_size, args))
+    val_set = build_dataset(args.data_path, "val", eval_transform(args.input_size), args.bad_images)
+    train_set = None if args.eval else build_dataset(args.data_path, "train",
+                                                     finetune_transform(args.input_size, args), args.bad_images)
     num_classes = args.nb_classes or getattr(train_set or val_set, "num_classes", None)
     if not num_classes:
         raise UserError("cannot tell the number of classes from the data: pass --nb_classes")

@@ -35,6 +35,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=128, help="images per process per batch")
     p.add_argument("--data_path", type=str, default=None, help="DIR with train/ and val/; default: built-in digits")
     p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--bad_images", choices=["stop", "skip"], default="stop",
+                   help="an unreadable image stops the run (naming the file), or is skipped with a warning")
     p.add_argument("--output_dir", type=str, default="./output_dir", help="where log_knn.txt is appended")
     p.add_argument("--dump_features", type=str, default=None, help="save the extracted features to DIR")
     p.add_argument("--load_features", type=str, default=None, help="reuse features saved with --dump_features")
@@ -79,8 +81,8 @@ def main(args: argparse.Namespace) -> None:
         model = model.to(device).eval()
         size = model.patch_embed.img_size[0]
         amp_dtype = resolve_amp(args.amp, device)
-        train_set = build_dataset(args.data_path, "train", eval_transform(size))
-        val_set = build_dataset(args.data_path, "val", eval_transform(size))
+        train_set = build_dataset(args.data_path, "train", eval_transform(size), args.bad_images)
+        val_set = build_dataset(args.data_path, "val", eval_transform(size), args.bad_images)
         train_f, train_l = extract(model, train_set, dist_info, args, device, amp_dtype)
         val_f, val_l = extract(model, val_set, dist_info, args, device, amp_dtype)
         if args.dump_features and dist_info.is_main:

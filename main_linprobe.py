@@ -89,8 +89,8 @@ def main(args: argparse.Namespace) -> None:
 
     probe_vit = build_classifier(args, 1)
     args.input_size = probe_vit.patch_embed.img_size[0]
-    val_set = build_dataset(args.data_path, "val", eval_transform(args.input_size))
-    train_set = build_dataset(args.data_path, "train", probe_transform(args.input_size))
+    val_set = build_dataset(args.data_path, "val", eval_transform(args.input_size), args.bad_images)
+    train_set = build_dataset(args.data_path, "train", probe_transform(args.input_size), args.bad_images)
     num_classes = args.nb_classes or getattr(train_set, "num_classes", None)
     if not num_classes:
         raise UserError("cannot tell the number of classes from the data: pass --nb_classes")

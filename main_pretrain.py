@@ -101,7 +101,7 @@ def main(args: argparse.Namespace) -> tuple[models_hpm.MaskedAutoencoderHPM, mod
     torch.manual_seed(args.seed)   # the same initial student (and so teacher) on every process
     student = build_model(args).to(device)
     args.input_size = student.patch_embed.img_size[0]
-    dataset = build_dataset(args.data_path, "train", pretrain_transform(args.input_size))
+    dataset = build_dataset(args.data_path, "train", pretrain_transform(args.input_size), args.bad_images)
     loader = train_loader(dataset, dist_info, args.batch_size, args.num_workers,
                           args.pin_mem and device.type == "cuda", args.seed)
     output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)
@@ -130,7 +130,8 @@ def main(args: argparse.Namespace) -> tuple[models_hpm.MaskedAutoencoderHPM, mod
 
     writer = None
     if dist_info.is_main:
-        preview = build_dataset(args.data_path, "train", eval_transform(args.input_size, crop_pct=1.0))
+        preview = build_dataset(args.data_path, "train", eval_transform(args.input_size, crop_pct=1.0),
+                                args.bad_images)
         preview_imgs = torch.stack([preview[i][0] for i in range(min(8, len(preview)))]).to(device)
         log_dir = check_output_dir(args.log_dir, "--log_dir") if args.log_dir else output_dir
         writer = SummaryWriter(log_dir=str(log_dir))

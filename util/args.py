@@ -27,6 +27,8 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_path", type=str, default=None,
                    help="DIR with train/ and val/ ImageFolders or train.txt/val.txt lists; "
                         "default: the built-in scikit-learn digits")
+    g.add_argument("--bad_images", choices=["stop", "skip"], default="stop",
+                   help="an unreadable image stops the run (naming the file), or is skipped with a warning")
     g.add_argument("--num_workers", type=int, default=2)
     g.add_argument("--pin_mem", action="store_true", default=True, help="pin loader memory (GPU only)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")

@@ -213,7 +213,13 @@ def resume_training(path: Path, fmt: str, model_name: str, states: dict[str, Any
 
 
 def find_resume(resume: str | None, auto_resume: bool, output_dir: Path) -> Path | None:
-    """--resume if given, else output_dir/checkpoint-last.pth when auto-resuming and it exists."""
+    """--resume if given, else output_dir/checkpoint-last.pth when auto-resuming and it exists.
+
+    Also removes the temporary files of saves that a killed run left behind (they are never
+    read: a checkpoint only appears under its name once it is complete).
+    """
+    for stale in Path(output_dir).glob(".checkpoint-*.tmp"):
+        stale.unlink(missing_ok=True)
     if resume:
         return Path(resume)
     last = Path(output_dir) / "checkpoint-last.pth"

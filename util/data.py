@@ -4,6 +4,7 @@ Augmentation randomness is seeded per sample from (seed, epoch, index), so a run
 epoch boundary sees exactly the crops and flips of an uninterrupted one, whatever the workers.
 """
 import itertools
+import logging
 import random
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,13 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from util.distributed import DistInfo
 from util.errors import UserError
 
+log = logging.getLogger("hpm")
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class BadImageError(UserError):
+    """An image file that cannot be decoded."""
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -32,7 +39,8 @@ def load_rgb(path: str) -> Image.Image:
                 img = Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
             return img.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable image ({exc}); remove or replace the file") from None
+        raise BadImageError(f"{path}: unreadable image ({exc}); remove or replace the file, or pass "
+                            f"--bad_images skip") from None
 
 
 class DigitsDataset(Dataset):
@@ -92,8 +100,37 @@ class ImageListDataset(Dataset):
         return (self.transform(img) if self.transform else img), label
 
 
-def build_dataset(data_path: str | None, split: str, transform: Callable | None) -> Dataset:
-    """Built-in digits when `data_path` is None; else DIR/<split>.txt (list) or DIR/<split>/ (ImageFolder)."""
+class SkipBadImages(Dataset):
+    """Replaces an unreadable image by the next readable one, with a warning that names the file and
+    counts the images skipped so far by this process (a data-loader worker is a process)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.dataset)):
+            try:
+                return self.dataset[(index + offset) % len(self.dataset)]
+            except BadImageError as exc:
+                self.skipped += 1
+                log.warning(f"skipped: {exc.args[0].split('; ')[0]} ({self.skipped} skipped in this process)")
+        raise UserError("no readable image in the dataset: check --data_path")
+
+
+def build_dataset(data_path: str | None, split: str, transform: Callable | None, bad_images: str = "stop") -> Dataset:
+    """Built-in digits when `data_path` is None; else DIR/<split>.txt (list) or DIR/<split>/ (ImageFolder).
+
+    `bad_images`: "stop" raises on an unreadable file, "skip" replaces it (see SkipBadImages).
+    """
     if data_path is None:
         return DigitsDataset(split, transform)
     root = Path(data_path)
@@ -115,7 +152,7 @@ def build_dataset(data_path: str | None, split: str, transform: Callable | None)
         raise UserError(f"--data_path {root}: found neither {split}/ nor {split}.txt; {hint}")
     if len(dataset) == 0:
         raise UserError(f"--data_path {root}: the {split} split is empty; {hint}")
-    return dataset
+    return SkipBadImages(dataset) if bad_images == "skip" else dataset
 
 
 def pretrain_transform(input_size: int) -> Callable:
@@ -179,9 +216,10 @@ def train_loader(dataset: Dataset, dist_info: DistInfo, batch_size: int, num_wor
                         f"{len(dataset)} training images: lower --batch_size")
     sampler = EpochSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
                            seed=seed, drop_last=True)
+    # its own generator: creating the iterator must not consume the global RNG (drop path uses it)
     return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
 def finetune_transform(input_size: int, args) -> Callable:

@@ -38,3 +38,20 @@ def seed_epoch(seed: int, rank: int, epoch: int) -> int:
 def append_json_log(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[torch.Tensor],
+                   clip_grad: float | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Unscale, clip, step, update the scaler, zero the gradients; no host sync.
+
+    Returns the gradient norm before clipping (None without clipping) and whether the fp16
+    scaler skipped this step for non-finite gradients (a 0-d tensor, always 0 without fp16).
+    """
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad) if clip_grad else None
+    scale_before = scaler._scale.clone() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    skipped = (scaler._scale < scale_before).float() if scale_before is not None else torch.zeros(())
+    return grad_norm, skipped
