@@ -2,7 +2,7 @@
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,12 @@ from util.runtime import autocast, optimizer_step
 from util.schedules import cosine_lr, hard_patch_alpha, teacher_decay
 
 MaskFn = Callable[[int, torch.device, torch.Generator], torch.Tensor]
+Timer = Callable[[str], ContextManager]
+
+
+def no_timer(phase: str) -> ContextManager:
+    """The default phase timer: nothing (the benchmark passes one that measures)."""
+    return nullcontext()
 
 
 class NonFiniteLossError(UserError):
@@ -38,6 +44,11 @@ class PretrainSetup:
     device: torch.device
     amp_dtype: torch.dtype | None
 
+    def __post_init__(self) -> None:
+        self.student_params = list(self.student.parameters())
+        self.trainable = [p for p in self.student_params if p.requires_grad]
+        self.teacher_params = list(self.teacher.parameters()) if self.teacher is not None else []
+
 
 @torch.no_grad()
 def update_teacher(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], decay: float) -> None:
@@ -45,12 +56,45 @@ def update_teacher(teacher_params: list[torch.Tensor], student_params: list[torc
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - decay)
 
 
-def make_mask(setup: PretrainSetup, imgs: torch.Tensor, alpha: float) -> torch.Tensor:
-    if setup.teacher is None:
-        return setup.random_mask(imgs.shape[0], imgs.device, setup.mask_generator)
-    with autocast(setup.device, setup.amp_dtype):
+def make_mask(setup: PretrainSetup, imgs: torch.Tensor, alpha: float, timer: Timer = no_timer) -> torch.Tensor:
+    """HPM: the teacher's predicted losses choose the hard patches; MAE, and HPM while
+    int(M * alpha) is still 0 (uniform masks either way), skip the teacher."""
+    if setup.teacher is None or int(setup.student.num_masked * alpha) <= 0:
+        with timer("masking"):
+            return setup.random_mask(imgs.shape[0], imgs.device, setup.mask_generator)
+    with timer("teacher"), autocast(setup.device, setup.amp_dtype):
         pred_loss = setup.teacher.predict_losses(imgs)
-    return hard_patch_mask(pred_loss, setup.student.num_masked, alpha, generator=setup.mask_generator)
+    with timer("masking"):
+        return hard_patch_mask(pred_loss, setup.student.num_masked, alpha, generator=setup.mask_generator)
+
+
+def train_step(setup: PretrainSetup, imgs: torch.Tensor, alpha: float, decay: float, args, last_micro_step: bool,
+               timer: Timer = no_timer) -> dict[str, torch.Tensor]:
+    """One micro-step: mask, student forward and backward; at the last micro-step of an
+    accumulation also the optimizer step and the teacher's EMA update. Returns device tensors."""
+    s = setup
+    mask = make_mask(s, imgs, alpha, timer)
+    no_sync = getattr(s.model, "no_sync", None)
+    with (no_sync() if no_sync is not None and not last_micro_step else nullcontext()):
+        with timer("forward"), autocast(s.device, s.amp_dtype):
+            out = s.model(imgs, mask)
+            losses = s.student.forward_loss(imgs, out)
+        with timer("backward"):
+            s.scaler.scale(losses.total / args.accum_iter).backward()
+    values = {"loss": losses.total, "recon": losses.recon}
+    if losses.loss_pred is not None:
+        values["loss_pred"] = losses.loss_pred
+    if last_micro_step:
+        with timer("optimizer"):
+            grad_norm, skipped = optimizer_step(s.optimizer, s.scaler, s.trainable, args.clip_grad)
+        if grad_norm is not None:
+            values["grad_norm"] = grad_norm
+        if s.scaler.is_enabled():
+            values["skipped_steps"] = skipped
+        if s.teacher is not None:
+            with timer("ema"):
+                update_teacher(s.teacher_params, s.student_params, decay)
+    return values
 
 
 def train_one_epoch(setup: PretrainSetup, loader, epoch: int, args, writer=None,
@@ -65,9 +109,6 @@ def train_one_epoch(setup: PretrainSetup, loader, epoch: int, args, writer=None,
     steps = first_step + len(loader)
     alpha = hard_patch_alpha(epoch, args.epochs)
     decay = teacher_decay(epoch)
-    teacher_params = list(s.teacher.parameters()) if s.teacher is not None else []
-    student_params = list(s.student.parameters())
-    trainable = [p for p in student_params if p.requires_grad]
     s.optimizer.zero_grad(set_to_none=True)
 
     next_step = steps
@@ -78,25 +119,8 @@ def train_one_epoch(setup: PretrainSetup, loader, epoch: int, args, writer=None,
             for group in s.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
         imgs = imgs.to(s.device, non_blocking=True)
-        mask = make_mask(s, imgs, alpha)
         last_micro_step = (step + 1) % args.accum_iter == 0
-        sync = getattr(s.model, "no_sync", None)
-        with (sync() if sync is not None and not last_micro_step else nullcontext()):
-            with autocast(s.device, s.amp_dtype):
-                out = s.model(imgs, mask)
-                losses = s.student.forward_loss(imgs, out)
-            s.scaler.scale(losses.total / args.accum_iter).backward()
-        values = {"loss": losses.total, "recon": losses.recon}
-        if losses.loss_pred is not None:
-            values["loss_pred"] = losses.loss_pred
-        if last_micro_step:
-            grad_norm, skipped = optimizer_step(s.optimizer, s.scaler, trainable, args.clip_grad)
-            if grad_norm is not None:
-                values["grad_norm"] = grad_norm
-            if s.scaler.is_enabled():
-                values["skipped_steps"] = skipped
-            if s.teacher is not None:
-                update_teacher(teacher_params, student_params, decay)
+        values = train_step(s, imgs, alpha, decay, args, last_micro_step)
         metrics.update(**values, lr=lr)
         if step % args.print_freq == 0 or step == steps - 1:
             check_finite(metrics.last, epoch, step, s.scaler)

@@ -130,7 +130,7 @@ def main(args: argparse.Namespace) -> None:
     args.lr = effective_lr(args, dist_info.world_size)
     param_groups = param_groups_layer_decay(model, args.weight_decay, model.no_weight_decay(),
                                             layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     start, best_acc = ResumePoint(args.start_epoch), 0.0

@@ -17,7 +17,7 @@ import models_hpm
 from engine_pretrain import PretrainSetup, make_mask, reconstruction_grid, train_one_epoch
 from util.args import check_common, check_output_dir, common_parser, effective_lr
 from util.checkpoint import FORMAT_PRETRAIN, find_resume, resume_training, save_training_checkpoint
-from util.data import build_dataset, eval_transform, pretrain_transform, train_loader
+from util.data import build_dataset, eval_transform, pretrain_transform, train_loader, with_transform
 from util.distributed import cleanup, init_distributed, resolve_device
 from util.errors import UserError, run_cli
 from util.logger import setup_logging
@@ -43,6 +43,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--mask_block", action="store_true", help="MAE mode: contiguous block mask")
     g.add_argument("--vis_mask_ratio", type=float, default=0.0,
                    help="UM-MAE: share of visible tokens replaced by a learned token in the encoder")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
     g.add_argument("--experiment", type=str, default=None,
                    help="name of the run: outputs go to output_dir/<experiment>")
     p.set_defaults(model="mae_vit_tiny_patch4", blr=1.5e-4, epochs=40, warmup_epochs=5, clip_grad=5.0,
@@ -86,6 +87,24 @@ def mae_mask_fn(args: argparse.Namespace, model: models_hpm.MaskedAutoencoderHPM
     return lambda n, device, gen: random_mask(n, g * g, m, device=device, generator=gen)
 
 
+def make_setup(args: argparse.Namespace, student: models_hpm.MaskedAutoencoderHPM, device: torch.device,
+               amp_dtype: torch.dtype | None, world_size: int) -> PretrainSetup:
+    """Teacher (HPM), AdamW (no decay on 1-D parameters and biases), scaler, DDP and compile."""
+    teacher = copy.deepcopy(student).eval().requires_grad_(False) if args.learning_loss else None
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(student, args.weight_decay), lr=args.lr,
+                                  betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    model = student
+    if world_size > 1:
+        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+        if teacher is not None:
+            teacher.predict_losses = torch.compile(teacher.predict_losses)
+    return PretrainSetup(model, student, teacher, optimizer, scaler, mae_mask_fn(args, student),
+                         torch.Generator(device=device), device, amp_dtype)
+
+
 def main(args: argparse.Namespace) -> tuple[models_hpm.MaskedAutoencoderHPM, models_hpm.MaskedAutoencoderHPM | None]:
     """Pretrain; returns the student and the teacher (None for MAE) for programmatic use."""
     device = resolve_device(args.device)
@@ -108,30 +127,21 @@ def main(args: argparse.Namespace) -> tuple[models_hpm.MaskedAutoencoderHPM, mod
     resume_path = find_resume(args.resume, args.auto_resume, output_dir)
 
     args.lr = effective_lr(args, dist_info.world_size)
-    amp_dtype = resolve_amp(args.amp, device)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False) if args.learning_loss else None
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(student, args.weight_decay), lr=args.lr,
-                                  betas=(0.9, 0.95), fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    setup = make_setup(args, student, device, resolve_amp(args.amp, device), dist_info.world_size)
+    teacher, amp_dtype = setup.teacher, setup.amp_dtype
     start = ResumePoint(args.start_epoch)
     if resume_path is not None:
-        ckpt = resume_training(resume_path, FORMAT_PRETRAIN, args.model,
-                               {"model": student, "teacher": teacher, "optimizer": optimizer, "scaler": scaler})
+        ckpt = resume_training(resume_path, FORMAT_PRETRAIN, args.model, {
+            "model": student, "teacher": teacher, "optimizer": setup.optimizer, "scaler": setup.scaler})
         if teacher is None and ckpt.get("teacher") is not None:
             raise UserError(f"--resume {resume_path}: an HPM checkpoint, but --no-learning_loss is set; drop it")
         start = ResumePoint.from_checkpoint(ckpt)
         log.info(f"resumed from {resume_path} at epoch {start.epoch}" + (f", step {start.step}" if start.step else ""))
-    model = student
-    if dist_info.world_size > 1:
-        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    mask_generator = torch.Generator(device=device)
-    setup = PretrainSetup(model, student, teacher, optimizer, scaler, mae_mask_fn(args, student),
-                          mask_generator, device, amp_dtype)
+    mask_generator = setup.mask_generator
 
     writer = None
     if dist_info.is_main:
-        preview = build_dataset(args.data_path, "train", eval_transform(args.input_size, crop_pct=1.0),
-                                args.bad_images)
+        preview = with_transform(dataset, eval_transform(args.input_size, crop_pct=1.0))
         preview_imgs = torch.stack([preview[i][0] for i in range(min(8, len(preview)))]).to(device)
         log_dir = check_output_dir(args.log_dir, "--log_dir") if args.log_dir else output_dir
         writer = SummaryWriter(log_dir=str(log_dir))
@@ -155,7 +165,8 @@ def main(args: argparse.Namespace) -> tuple[models_hpm.MaskedAutoencoderHPM, mod
             if finished and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
                 paths.append(output_dir / f"checkpoint-{epoch}.pth")
             save_training_checkpoint(paths, FORMAT_PRETRAIN, args.model, epoch + int(finished), args,
-                                     {"model": student, "teacher": teacher, "optimizer": optimizer, "scaler": scaler,
+                                     {"model": student, "teacher": teacher, "optimizer": setup.optimizer,
+                                      "scaler": setup.scaler,
                                       "next_step": 0 if finished else next_step,
                                       "rng": None if finished else rng_state(mask_generator)})
         if not finished:

@@ -1,7 +1,6 @@
 """The bad-input matrix: each case stops with one line on stderr that names the problem and the
 fix, a non-zero exit status, and leaves every file already in the output directory as it was."""
 import argparse
-import pickle
 
 import pytest
 import torch

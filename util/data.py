@@ -3,6 +3,7 @@
 Augmentation randomness is seeded per sample from (seed, epoch, index), so a run resumed at an
 epoch boundary sees exactly the crops and flips of an uninterrupted one, whatever the workers.
 """
+import copy
 import itertools
 import logging
 import random
@@ -153,6 +154,15 @@ def build_dataset(data_path: str | None, split: str, transform: Callable | None,
     if len(dataset) == 0:
         raise UserError(f"--data_path {root}: the {split} split is empty; {hint}")
     return SkipBadImages(dataset) if bad_images == "skip" else dataset
+
+
+def with_transform(dataset: Dataset, transform: Callable) -> Dataset:
+    """The same images (no second directory scan) under another transform."""
+    if isinstance(dataset, SkipBadImages):
+        return SkipBadImages(with_transform(dataset.dataset, transform))
+    view = copy.copy(dataset)
+    view.transform = transform
+    return view
 
 
 def pretrain_transform(input_size: int) -> Callable:

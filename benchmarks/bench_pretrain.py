@@ -1,0 +1,144 @@
+"""Speed of the real pretraining step (engine_pretrain.train_step) on synthetic images.
+
+Prints and optionally writes as JSON: seconds per iteration (median/min/max), images/s, the time
+of each phase, FLOPs per iteration (torch's FLOP counter), achieved FLOP/s, the device's measured
+dense matmul throughput in the same run, their ratio (MFU) and peak memory.
+
+    python benchmarks/bench_pretrain.py --model mae_vit_base_patch16 --batch_size 8 --amp none --threads 2
+"""
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine_pretrain import train_step  # noqa: E402
+from main_pretrain import build_model, get_args_parser, make_setup  # noqa: E402
+from util.distributed import resolve_device  # noqa: E402
+from util.runtime import resolve_amp  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser("pretraining step benchmark", parents=[get_args_parser(add_help=False)],
+                                conflict_handler="resolve")
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--iters", type=int, default=5, help="timed iterations")
+    g.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    g.add_argument("--json", type=str, default=None, help="write the results to this file")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(model="mae_vit_base_patch16", batch_size=8, amp="none", lr=1e-4)
+    return p.parse_args()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
+    """Best dense matmul throughput (FLOP/s) seen in `seconds` on square operands that saturate the device."""
+    n = 8192 if device.type == "cuda" else 2048
+    reps = 20 if device.type == "cuda" else 2
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    best, deadline = 0.0, time.time() + seconds
+    while time.time() < deadline:
+        synchronize(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        synchronize(device)
+        best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t))
+    return best
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    torch.manual_seed(0)
+    student = build_model(args).to(device)
+    setup = make_setup(args, student, device, amp_dtype, world_size=1)
+    size = student.patch_embed.img_size[0]
+    imgs = torch.randn(args.batch_size, 3, size, size, device=device)
+    alpha, decay = 0.25, 0.999
+
+    def step(timer=None):
+        kwargs = {"timer": timer} if timer is not None else {}
+        values = train_step(setup, imgs, alpha, decay, args, last_micro_step=True, **kwargs)
+        return values
+
+    student.train()
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # A shared machine's throughput drifts: probe the matmul peak right before every timed iteration.
+    peak_dtype = amp_dtype or torch.float32
+    times, peaks = [], []
+    for _ in range(args.iters):
+        peaks.append(matmul_peak(device, peak_dtype, seconds=1.0))
+        t = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - t)
+
+    phases: dict[str, list[float]] = defaultdict(list)
+
+    @contextmanager
+    def timer(phase: str):
+        synchronize(device)
+        t = time.perf_counter()
+        yield
+        synchronize(device)
+        phases[phase].append(time.perf_counter() - t)
+
+    for _ in range(max(1, min(3, args.iters))):
+        step(timer)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    median = statistics.median(times)
+    peak = max(peaks)
+    result = {
+        "model": args.model, "mode": "HPM" if args.learning_loss else "MAE", "batch_size": args.batch_size,
+        "input_size": size, "amp": str(amp_dtype or "fp32"), "compile": args.compile, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup,
+        "iter_s_median": median, "iter_s_min": min(times), "iter_s_max": max(times),
+        "images_per_s": args.batch_size / median,
+        "phase_s": {k: statistics.median(v) for k, v in phases.items()},
+        "flops_per_iter": flops, "achieved_flops_per_s": flops / median,
+        "matmul_peak_flops_per_s": peak, "matmul_peak_dtype": str(peak_dtype),
+        "matmul_peak_probes_flops_per_s": peaks, "mfu": flops / median / peak,
+        "mfu_per_iter_median": statistics.median(flops / t / p for t, p in zip(times, peaks)),
+        "peak_mem_bytes": peak_memory(device),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
