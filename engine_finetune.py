@@ -84,6 +84,11 @@ def check_finite(loss: float, epoch: int, step: int, scaler: torch.amp.GradScale
                         f"kept: lower --blr, set --clip_grad, or use --amp none")
 
 
+def describe_eval(stats: dict[str, float]) -> str:
+    return (f"accuracy of the network on the {stats['count']} validation images: top-1 {stats['acc1']:.2f}%, "
+            f"top-5 {stats['acc5']:.2f}%, loss {stats['loss']:.4f}")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> dict[str, float]:
     """Top-1, top-5 and loss over every sample of the (sharded, unpadded) validation set."""

@@ -18,7 +18,7 @@ from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 
 import models_vit
-from engine_finetune import ClassifierRun, evaluate, fit
+from engine_finetune import ClassifierRun, describe_eval, evaluate, fit
 from util.args import check_common, check_output_dir, common_parser, effective_lr
 from util.checkpoint import FORMAT_FINETUNE, find_resume, load_pretrained, resume_training
 from util.data import build_dataset, eval_loader, eval_transform, finetune_transform, train_loader
@@ -112,8 +112,7 @@ def main(args: argparse.Namespace) -> None:
         else:
             load_pretrained(model, args.finetune, teacher=args.teacher)
         stats = evaluate(model, val_loader, device, amp_dtype)
-        log.info(f"accuracy of the network on the {stats['count']} validation images: top-1 {stats['acc1']:.2f}%"
-                 f", top-5 {stats['acc5']:.2f}%, loss {stats['loss']:.4f}")
+        log.info(describe_eval(stats))
         cleanup()
         return
 

@@ -14,7 +14,7 @@ from torchvision import transforms
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 
-from engine_finetune import ClassifierRun, evaluate, fit
+from engine_finetune import ClassifierRun, describe_eval, evaluate, fit
 from main_finetune import build_classifier, classifier_parser
 from models_vit import features
 from util.args import check_common, check_output_dir, common_parser, effective_lr
@@ -115,8 +115,7 @@ def main(args: argparse.Namespace) -> None:
     if args.eval:
         resume_training(Path(args.resume), FORMAT_LINPROBE, args.model, {"model": model.vit})
         stats = evaluate(model, val_loader, device, amp_dtype)
-        log.info(f"accuracy of the network on the {stats['count']} validation images: top-1 {stats['acc1']:.2f}%"
-                 f", top-5 {stats['acc5']:.2f}%")
+        log.info(describe_eval(stats))
         cleanup()
         return
 
