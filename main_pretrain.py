@@ -46,7 +46,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
     g.add_argument("--experiment", type=str, default=None,
                    help="name of the run: outputs go to output_dir/<experiment>")
-    p.set_defaults(model="mae_vit_tiny_patch4", blr=1.5e-4, epochs=40, warmup_epochs=5, clip_grad=5.0,
+    p.set_defaults(model="mae_vit_tiny_patch4", blr=1.5e-3, epochs=40, warmup_epochs=5, clip_grad=5.0,
                    weight_decay=0.05)
     return p
 

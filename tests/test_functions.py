@@ -164,3 +164,16 @@ def test_schedules():
     assert cosine_lr(10, 1.0, 0.1, 10, 100) == pytest.approx(1.0)
     assert cosine_lr(55, 1.0, 0.1, 10, 100) == pytest.approx(0.55)
     assert cosine_lr(100, 1.0, 0.1, 10, 100) == pytest.approx(0.1)
+
+
+def test_optimizer_step_counts_steps_the_fp16_scaler_skips():
+    from util.runtime import optimizer_step
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0 ** 4)
+    scaler.scale((w * torch.tensor([1.0, float("inf"), 1.0])).sum()).backward()
+    grad_norm, skipped = optimizer_step(opt, scaler, [w], clip_grad=1.0)
+    assert skipped.item() == 1.0 and torch.equal(w.data, torch.ones(3)) and w.grad is None
+    scaler.scale(w.sum()).backward()
+    grad_norm, skipped = optimizer_step(opt, scaler, [w], clip_grad=None)
+    assert skipped.item() == 0.0 and grad_norm is None and not torch.equal(w.data, torch.ones(3))

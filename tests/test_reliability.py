@@ -58,6 +58,7 @@ def test_sigkill_at_random_moments_and_during_saves(tmp_path):
             assert ckpt["format"] == "hpm-pretrain" and ckpt["next_epoch"] >= 1
             numbered = sorted(out.glob("checkpoint-[0-9]*.pth"), key=lambda p: int(p.stem.split("-")[1]))
             load_file(numbered[-1])
+    print(f"SIGKILL: 12 kills survived, {during_save} of them during a save")
     assert during_save >= 3, f"only {during_save} of 6 kills landed during a save"
     reached = load_file(out / "checkpoint-last.pth")["next_epoch"]
     res = run_script("main_pretrain.py", *common, "--epochs", str(reached + 2))
