@@ -65,8 +65,7 @@ def check_output_dir(path: str, flag: str = "--output_dir") -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
+        tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-").close()   # created, then deleted
     except OSError as exc:
         raise UserError(f"{flag} {out}: cannot write there ({exc.strerror or exc}); choose a writable "
                         f"directory") from None
