@@ -9,7 +9,8 @@ import torch
 
 from tests.helpers import REPO, run_script
 from util.checkpoint import load_file
-from util.launcher import launcher_parser, submit
+from util.errors import UserError
+from util.launcher import launcher_parser, make_executor, submit
 
 import main_pretrain
 
@@ -69,3 +70,28 @@ def test_submitit_local_job_requeues_on_timeout_and_finishes(tmp_path, monkeypat
     assert epochs == list(range(6)), epochs
     assert load_file(out / "checkpoint-last.pth")["next_epoch"] == 6
     assert "saved epoch" in log and "resumed from" in log, log[-2000:]
+
+
+def _launcher_args(*argv):
+    return launcher_parser(main_pretrain.get_args_parser(add_help=False), "test").parse_args(list(argv))
+
+
+def test_slurm_submission_script_carries_the_cluster_options(tmp_path, monkeypatch):
+    """The real submitit SLURM executor, with a stand-in `srun` on PATH so that it can be built here."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    args = _launcher_args("--nodes", "2", "--ngpus", "8", "--partition", "learnfair", "--use_volta32",
+                          "--account", "acc", "--qos", "high", "--timeout", "600", "--job_dir", str(tmp_path / "%j"))
+    text = make_executor(args, "hpm_main_pretrain")._executor._make_submission_file_text("true", "uid")
+    for line in ("--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=8", "--partition=learnfair",
+                 "--constraint=volta32gb", "--account=acc", "--qos=high", "--time=600", "--signal=USR2@120"):
+        assert f"#SBATCH {line}" in text
+
+
+def test_slurm_without_slurm_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UserError, match="--cluster local"):
+        make_executor(_launcher_args("--job_dir", str(tmp_path)), "x")

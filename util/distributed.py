@@ -62,11 +62,6 @@ def reduce_stats(stats: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(keys, values.tolist()))
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

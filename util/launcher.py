@@ -5,12 +5,14 @@ below, and hands the script's `main` to `submit`.
 """
 import argparse
 import importlib
+import shutil
 import signal
 import sys
 from pathlib import Path
 
 import submitit
 
+from util.errors import UserError
 from util.preemption import EXIT_PREEMPTED, STOP
 
 
@@ -69,7 +71,7 @@ class Trainer:
         return submitit.helpers.DelayedSubmission(Trainer(self.module, args))
 
 
-def make_executor(args: argparse.Namespace) -> submitit.Executor:
+def make_executor(args: argparse.Namespace, name: str) -> submitit.Executor:
     job_dir = Path(args.job_dir)
     tasks = args.ntasks_per_node or max(args.ngpus, 1)
     if args.cluster == "debug":
@@ -79,6 +81,9 @@ def make_executor(args: argparse.Namespace) -> submitit.Executor:
         executor.update_parameters(timeout_min=args.timeout, tasks_per_node=tasks, gpus_per_node=args.ngpus,
                                    signal_delay_s=args.signal_delay_s)
         return executor
+    if shutil.which("srun") is None:
+        raise UserError("--cluster slurm: no SLURM here (srun not found); use --cluster local to run the job on "
+                        "this machine")
     executor = submitit.AutoExecutor(folder=job_dir, cluster="slurm", slurm_max_num_timeout=30)
     options = {f"slurm_{k}": getattr(args, k) for k in ("partition", "account", "qos", "comment") if getattr(args, k)}
     constraint = "volta32gb" if args.use_volta32 else args.constraint
@@ -86,14 +91,13 @@ def make_executor(args: argparse.Namespace) -> submitit.Executor:
         options["slurm_constraint"] = constraint
     executor.update_parameters(mem_gb=args.mem_gb or 40 * max(args.ngpus, 1), gpus_per_node=args.ngpus,
                                tasks_per_node=tasks, cpus_per_task=args.cpus_per_task, nodes=args.nodes,
-                               timeout_min=int(args.timeout), name=f"hpm_{args.job_name}",
+                               timeout_min=int(args.timeout), name=name,
                                slurm_signal_delay_s=args.signal_delay_s, **options)
     return executor
 
 
 def submit(module: str, args: argparse.Namespace) -> submitit.Job:
     """Submit `module.main(args)`; returns the job (its id also names %j in the paths)."""
-    args.job_name = module
-    job = make_executor(args).submit(Trainer(module, args))
+    job = make_executor(args, f"hpm_{module}").submit(Trainer(module, args))
     print(f"submitted job {job.job_id}; submitit logs in {args.job_dir.replace('%j', str(job.job_id))}")
     return job
