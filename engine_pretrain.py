@@ -156,7 +156,8 @@ def check_finite(values: dict, epoch: int, step: int, scaler: torch.amp.GradScal
 
 
 @torch.no_grad()
-def reconstruction_grid(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask: torch.Tensor, pred_loss: torch.Tensor | None) -> torch.Tensor:
+def reconstruction_grid(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask: torch.Tensor,
+                        pred_loss: torch.Tensor | None) -> torch.Tensor:
     """Rows: input, masked input, reconstruction (visible patches pasted back), teacher's loss map."""
     was_training = student.training
     student.eval()

@@ -24,12 +24,14 @@ FEATURE_FILES = ("train_features", "train_labels", "val_features", "val_labels")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("kNN evaluation", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("kNN evaluation", add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", type=str, default="vit_tiny_patch4", help="registered classifier name")
     p.add_argument("--input_size", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--finetune", type=str, default=None, help="pretrained weights (any supported format)")
     p.add_argument("--teacher", action="store_true", help="take the EMA teacher's weights")
-    p.add_argument("--global_pool", action="store_true", help="average patch tokens (+ fc_norm) instead of the class token")
+    p.add_argument("--global_pool", action="store_true",
+                   help="average patch tokens (+ fc_norm) instead of the class token")
     p.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="values of k")
     p.add_argument("--temperature", type=float, default=0.07, help="voting weight exp(similarity / T)")
     p.add_argument("--batch_size", type=int, default=128, help="images per process per batch")

@@ -16,7 +16,8 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", type=str, help="registered model name")
     g.add_argument("--input_size", type=int, default=None, help="image size (default: the model's)")
     g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: blr x effective batch / 256)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="absolute learning rate (default: blr x effective batch / 256)")
     g.add_argument("--blr", type=float, default=1e-3, help="base learning rate for an effective batch of 256")
     g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule")
     g.add_argument("--warmup_epochs", type=float, default=5)
