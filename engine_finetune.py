@@ -16,8 +16,7 @@ from util.errors import UserError
 from util.logger import MetricLogger
 from util.checkpoint import save_training_checkpoint
 from util.preemption import STOP, ResumePoint, rng_state
-from util.runtime import append_json_log, autocast, optimizer_step, seed_epoch
-from util.schedules import cosine_lr
+from util.runtime import append_json_log, autocast, optimizer_step, seed_epoch, set_scheduled_lr
 
 log = logging.getLogger("hpm")
 
@@ -39,9 +38,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     header = f"Epoch [{epoch}/{args.epochs}]"
     for step, (imgs, targets) in enumerate(metrics.log_every(loader, args.print_freq, header), start=first_step):
         if step % args.accum_iter == 0:
-            lr = cosine_lr(epoch + step / steps, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+            lr = set_scheduled_lr(optimizer, epoch + step / steps, args)
         imgs = imgs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -70,10 +67,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
         if last_micro_step and STOP.requested(device, sync=(step + 1) // args.accum_iter % args.print_freq == 0):
             next_step = step + 1
             break
-    stats = metrics.averages()
-    if "skipped_steps" in stats:   # fp16: a count of the steps the scaler skipped, not a mean
-        stats["skipped_steps"] = float(metrics.sums["skipped_steps"])
-    stats = reduce_stats(stats, device)
+    stats = reduce_stats(metrics.averages(), device)
     check_finite(stats["loss"], epoch, next_step - 1, scaler)
     return stats, next_step
 

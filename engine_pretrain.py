@@ -16,8 +16,8 @@ from util.logger import MetricLogger
 from util.masking import hard_patch_mask
 from util.patches import gather_patches
 from util.preemption import STOP
-from util.runtime import autocast, optimizer_step
-from util.schedules import cosine_lr, hard_patch_alpha, teacher_decay
+from util.runtime import autocast, optimizer_step, set_scheduled_lr
+from util.schedules import hard_patch_alpha, teacher_decay
 
 MaskFn = Callable[[int, torch.device, torch.Generator], torch.Tensor]
 Timer = Callable[[str], ContextManager]
@@ -115,9 +115,7 @@ def train_one_epoch(setup: PretrainSetup, loader, epoch: int, args, writer=None,
     for step, (imgs, _) in enumerate(metrics.log_every(loader, args.print_freq, f"Epoch [{epoch}/{args.epochs}]"),
                                      start=first_step):
         if step % args.accum_iter == 0:
-            lr = cosine_lr(epoch + step / steps, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
-            for group in s.optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+            lr = set_scheduled_lr(s.optimizer, epoch + step / steps, args)
         imgs = imgs.to(s.device, non_blocking=True)
         last_micro_step = (step + 1) % args.accum_iter == 0
         values = train_step(s, imgs, alpha, decay, args, last_micro_step)
@@ -134,10 +132,7 @@ def train_one_epoch(setup: PretrainSetup, loader, epoch: int, args, writer=None,
         if last_micro_step and STOP.requested(s.device, sync=(step + 1) // args.accum_iter % args.print_freq == 0):
             next_step = step + 1
             break
-    stats = metrics.averages()
-    if "skipped_steps" in stats:   # fp16: a count of the steps the scaler skipped, not a mean
-        stats["skipped_steps"] = float(metrics.sums["skipped_steps"])
-    stats = reduce_stats(stats, s.device)
+    stats = reduce_stats(metrics.averages(), s.device)
     check_finite(stats, epoch, next_step - 1, s.scaler)
     if s.teacher is not None:
         stats.update(alpha=alpha, teacher_decay=decay)

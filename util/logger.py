@@ -36,8 +36,9 @@ class MetricLogger:
             self.counts[name] += 1
             self.last[name] = value
 
-    def averages(self) -> dict[str, float]:
-        return {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
+    def averages(self, totals: tuple[str, ...] = ("skipped_steps",)) -> dict[str, float]:
+        """Means of every value, except the `totals`, which are summed (counts such as skipped steps)."""
+        return {k: float(self.sums[k]) / (1 if k in totals else self.counts[k]) for k in self.sums}
 
     def describe(self) -> str:
         return "  ".join(f"{k}: {float(self.last[k]):.4g} ({float(self.sums[k]) / self.counts[k]:.4g})"

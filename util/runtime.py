@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from util.schedules import cosine_lr
+
 log = logging.getLogger("hpm")
 
 
@@ -55,3 +57,11 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     optimizer.zero_grad(set_to_none=True)
     skipped = (scaler._scale < scale_before).float() if scale_before is not None else torch.zeros(())
     return grad_norm, skipped
+
+
+def set_scheduled_lr(optimizer: torch.optim.Optimizer, epoch: float, args) -> float:
+    """Warm-up + cosine learning rate at fractional `epoch`, scaled per group by its `lr_scale`."""
+    lr = cosine_lr(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
