@@ -22,11 +22,10 @@ from engine_finetune import ClassifierRun, describe_eval, evaluate, fit
 from util.args import check_common, check_output_dir, common_parser, effective_lr
 from util.checkpoint import FORMAT_FINETUNE, find_resume, load_pretrained, resume_training
 from util.data import build_dataset, eval_loader, eval_transform, finetune_transform, train_loader
-from util.distributed import cleanup, init_distributed, resolve_device
+from util.distributed import cleanup
 from util.errors import UserError, run_cli
-from util.logger import setup_logging
 from util.preemption import ResumePoint
-from util.runtime import resolve_amp
+from util.runtime import resolve_amp, start_process
 
 log = logging.getLogger("hpm")
 
@@ -85,9 +84,7 @@ def build_classifier(args: argparse.Namespace, num_classes: int, **kwargs) -> nn
 
 
 def main(args: argparse.Namespace) -> None:
-    device = resolve_device(args.device)
-    dist_info, device = init_distributed(device, args.dist_url)
-    setup_logging(dist_info.is_main)
+    dist_info, device = start_process(args.device, args.dist_url)
     check_common(args)
     if args.eval and not (args.resume or args.finetune):
         raise UserError("--eval needs weights: pass --resume <fine-tuned checkpoint> (or --finetune)")

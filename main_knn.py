@@ -13,11 +13,10 @@ from models_vit import features
 from util.args import check_output_dir
 from util.checkpoint import load_file, load_pretrained
 from util.data import build_dataset, eval_loader, eval_transform
-from util.distributed import DistInfo, cleanup, gather_in_order, init_distributed, resolve_device
+from util.distributed import DistInfo, cleanup, gather_in_order
 from util.errors import UserError, run_cli
 from util.knn import knn_classify
-from util.logger import setup_logging
-from util.runtime import append_json_log, autocast, resolve_amp
+from util.runtime import append_json_log, autocast, resolve_amp, start_process
 
 log = logging.getLogger("hpm")
 FEATURE_FILES = ("train_features", "train_labels", "val_features", "val_labels")
@@ -63,9 +62,7 @@ def extract(model: torch.nn.Module, dataset, dist_info: DistInfo, args, device, 
 
 
 def main(args: argparse.Namespace) -> None:
-    device = resolve_device(args.device)
-    dist_info, device = init_distributed(device, args.dist_url)
-    setup_logging(dist_info.is_main)
+    dist_info, device = start_process(args.device, args.dist_url)
     if args.batch_size < 1 or min(args.nb_knn) < 1:
         raise UserError("--batch_size and every --nb_knn value must be at least 1")
     output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)

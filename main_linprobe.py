@@ -20,12 +20,11 @@ from models_vit import features
 from util.args import check_common, check_output_dir, common_parser, effective_lr
 from util.checkpoint import FORMAT_LINPROBE, find_resume, load_pretrained, resume_training
 from util.data import build_dataset, eval_loader, eval_transform, train_loader
-from util.distributed import cleanup, init_distributed, resolve_device
+from util.distributed import cleanup
 from util.errors import UserError, run_cli
 from util.lars import LARS
-from util.logger import setup_logging
 from util.preemption import ResumePoint
-from util.runtime import resolve_amp
+from util.runtime import resolve_amp, start_process
 
 log = logging.getLogger("hpm")
 
@@ -80,9 +79,7 @@ def probe_transform(input_size: int):
 
 
 def main(args: argparse.Namespace) -> None:
-    device = resolve_device(args.device)
-    dist_info, device = init_distributed(device, args.dist_url)
-    setup_logging(dist_info.is_main)
+    dist_info, device = start_process(args.device, args.dist_url)
     check_common(args)
     if args.eval and not args.resume:
         raise UserError("--eval needs a linear-probe checkpoint: pass --resume PATH")

@@ -18,12 +18,11 @@ from engine_pretrain import PretrainSetup, make_mask, reconstruction_grid, train
 from util.args import check_common, check_output_dir, common_parser, effective_lr
 from util.checkpoint import FORMAT_PRETRAIN, find_resume, resume_training, save_training_checkpoint
 from util.data import build_dataset, eval_transform, pretrain_transform, train_loader, with_transform
-from util.distributed import cleanup, init_distributed, resolve_device
+from util.distributed import cleanup
 from util.errors import UserError, run_cli
-from util.logger import setup_logging
 from util.masking import block_mask, random_mask, regular_mask
 from util.preemption import STOP, ResumePoint, rng_state
-from util.runtime import append_json_log, resolve_amp, seed_epoch
+from util.runtime import append_json_log, resolve_amp, seed_epoch, start_process
 from util.schedules import hard_patch_alpha
 
 log = logging.getLogger("hpm")
@@ -107,9 +106,7 @@ def make_setup(args: argparse.Namespace, student: models_hpm.MaskedAutoencoderHP
 
 def main(args: argparse.Namespace) -> tuple[models_hpm.MaskedAutoencoderHPM, models_hpm.MaskedAutoencoderHPM | None]:
     """Pretrain; returns the student and the teacher (None for MAE) for programmatic use."""
-    device = resolve_device(args.device)
-    dist_info, device = init_distributed(device, args.dist_url)
-    setup_logging(dist_info.is_main)
+    dist_info, device = start_process(args.device, args.dist_url)
     args.world_size = dist_info.world_size
     check_args(args)
     if args.experiment:

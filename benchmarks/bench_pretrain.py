@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine_pretrain import train_step  # noqa: E402
 from main_pretrain import build_model, get_args_parser, make_setup  # noqa: E402
-from util.distributed import resolve_device  # noqa: E402
-from util.runtime import resolve_amp  # noqa: E402
+from util.runtime import resolve_amp, start_process  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -73,7 +72,7 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    _, device = start_process(args.device)
     amp_dtype = resolve_amp(args.amp, device)
     torch.manual_seed(0)
     student = build_model(args).to(device)

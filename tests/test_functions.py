@@ -1,8 +1,13 @@
 import math
+import platform
+import resource
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from tests.helpers import REPO
 from util.losses import absolute_loss_prediction, reconstruction_loss, relative_loss_prediction
 from util.masking import (block_mask, hard_patch_mask, num_masked_patches, random_mask,
                           regular_mask)
@@ -177,3 +182,29 @@ def test_optimizer_step_counts_steps_the_fp16_scaler_skips():
     scaler.scale(w.sum()).backward()
     grad_norm, skipped = optimizer_step(opt, scaler, [w], clip_grad=None)
     assert skipped.item() == 0.0 and grad_norm is None and not torch.equal(w.data, torch.ones(3))
+
+
+FAULTS_OF_A_REALLOCATION = """
+import resource, sys, torch
+from util.runtime import retain_freed_memory
+if sys.argv[1] == "retain":
+    assert retain_freed_memory()
+def allocate_and_free():
+    blocks = [torch.ones(1 << 20) for _ in range(64)]   # 64 x 4 MiB, like a step's activations
+    del blocks
+allocate_and_free()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+allocate_and_free()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's")
+def test_retained_memory_is_reused_without_page_faults():
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REALLOCATION, mode], capture_output=True,
+                             text=True, cwd=REPO, check=True)
+        return int(out.stdout.split()[-1])
+    pages = 64 * (4 << 20) // resource.getpagesize()
+    assert faults("default") > 0.75 * pages       # glibc hands the freed blocks back to the kernel
+    assert faults("retain") < 0.25 * pages
