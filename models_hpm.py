@@ -173,7 +173,7 @@ class MaskedAutoencoderHPM(nn.Module):
         loss_pred = self.forward_loss_predictor(x, 1 + num_visible) if self.learning_loss else None
         return HPMOutput(pred, loss_pred, latent, ids[:, num_visible:])
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def predict_losses(self, imgs: torch.Tensor) -> torch.Tensor:
         """The teacher's view: all patches visible, loss predictor only. -> (N, L)"""
         if not self.learning_loss:

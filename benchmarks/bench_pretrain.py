@@ -93,15 +93,17 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # A shared machine's throughput drifts: probe the matmul peak right before every timed iteration.
+    # A shared machine's throughput drifts: probe the matmul peak between timed iterations, so that
+    # every iteration has a probe right before and right after it.
     peak_dtype = amp_dtype or torch.float32
-    times, peaks = [], []
+    times, peaks = [], [matmul_peak(device, peak_dtype, seconds=1.0)]
     for _ in range(args.iters):
-        peaks.append(matmul_peak(device, peak_dtype, seconds=1.0))
         t = time.perf_counter()
         step()
         synchronize(device)
         times.append(time.perf_counter() - t)
+        peaks.append(matmul_peak(device, peak_dtype, seconds=1.0))
+    peaks_around = [(before + after) / 2 for before, after in zip(peaks, peaks[1:])]
 
     phases: dict[str, list[float]] = defaultdict(list)
 
@@ -125,13 +127,13 @@ def main() -> None:
         "input_size": size, "amp": str(amp_dtype or "fp32"), "compile": args.compile, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup,
-        "iter_s_median": median, "iter_s_min": min(times), "iter_s_max": max(times),
+        "iter_s_median": median, "iter_s_min": min(times), "iter_s_max": max(times), "iter_s_all": times,
         "images_per_s": args.batch_size / median,
         "phase_s": {k: statistics.median(v) for k, v in phases.items()},
         "flops_per_iter": flops, "achieved_flops_per_s": flops / median,
         "matmul_peak_flops_per_s": peak, "matmul_peak_dtype": str(peak_dtype),
         "matmul_peak_probes_flops_per_s": peaks, "mfu": flops / median / peak,
-        "mfu_per_iter_median": statistics.median(flops / t / p for t, p in zip(times, peaks)),
+        "mfu_per_iter_median": statistics.median(flops / t / p for t, p in zip(times, peaks_around)),
         "peak_mem_bytes": peak_memory(device),
     }
     print(json.dumps(result, indent=2))
