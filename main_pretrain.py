@@ -42,7 +42,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--mask_block", action="store_true", help="MAE mode: contiguous block mask")
     g.add_argument("--vis_mask_ratio", type=float, default=0.0,
                    help="UM-MAE: share of visible tokens replaced by a learned token in the encoder")
-    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the student and the teacher: faster steps after a one-time compile")
     g.add_argument("--experiment", type=str, default=None,
                    help="name of the run: outputs go to output_dir/<experiment>")
     p.set_defaults(model="mae_vit_tiny_patch4", blr=1.5e-3, epochs=40, warmup_epochs=5, clip_grad=5.0,
