@@ -24,8 +24,8 @@ def retain_freed_memory() -> bool:
     """Keep freed blocks up to 32 MiB in the process instead of returning them to the kernel.
 
     Every CPU training step frees and reallocates the same activations and gradients; glibc's
-    defaults unmap or trim them, and faulting ~100k pages back in cost about 6 % of a ViT-B step
-    on 2 cores (BENCHMARKS.md). Returns False where the C library is not glibc.
+    defaults unmap or trim them, and faulting ~100k pages back in cost 0.3-0.8 s of kernel time
+    per ViT-B step on 2 cores (BENCHMARKS.md). Returns False where the C library is not glibc.
     """
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
