@@ -184,6 +184,30 @@ def test_optimizer_step_counts_steps_the_fp16_scaler_skips():
     assert skipped.item() == 0.0 and grad_norm is None and not torch.equal(w.data, torch.ones(3))
 
 
+@pytest.mark.parametrize("scale, one_nan", [(1e-3, False), (10.0, False), (1e-3, True)])
+def test_clip_grad_norm_matches_torch(scale, one_nan):
+    """Below the limit the gradients are untouched; above it, or NaN, they change as torch's do."""
+    from util.runtime import clip_grad_norm
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (3, 5, 7), (1,)]
+    ours = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn(a.shape) * scale
+        b.grad = a.grad.clone()
+    if one_nan:
+        ours[0].grad[3, 4] = theirs[0].grad[3, 4] = float("nan")
+    ours.append(torch.nn.Parameter(torch.zeros(2)))   # no gradient: skipped by both
+    untouched = [p.grad.clone() for p in ours[:-1]]
+    norm = clip_grad_norm(ours, 1.0)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0, equal_nan=True)
+    for a, b, before in zip(ours, theirs, untouched):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=0, equal_nan=True)
+        if scale < 1 and not one_nan:
+            assert torch.equal(a.grad, before)
+    assert ours[-1].grad is None
+
 FAULTS_OF_A_REALLOCATION = """
 import resource, sys, torch
 from util.runtime import retain_freed_memory
