@@ -1,8 +1,9 @@
 """Speed of the real pretraining step (engine_pretrain.train_step) on synthetic images.
 
 Prints and optionally writes as JSON: seconds per iteration (median/min/max), images/s, the time
-of each phase, FLOPs per iteration (torch's FLOP counter), achieved FLOP/s, the device's measured
-dense matmul throughput in the same run, their ratio (MFU) and peak memory.
+of each phase, FLOPs per iteration (torch's FLOP counter, given model-FLOP formulas for the fused
+attention kernels), achieved FLOP/s, the device's measured dense matmul throughput in the same
+run, their ratio (MFU) and peak memory.
 
     python benchmarks/bench_pretrain.py --model mae_vit_base_patch16 --batch_size 8 --amp none --threads 2
 """
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,6 +61,37 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float) -> flo
         synchronize(device)
         best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t))
     return best
+
+
+def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """q @ k^T and p @ v."""
+    return sdpa_flop_count(query, key, value)
+
+
+def _attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """The four products of the gradients: twice the forward. The fused kernels also recompute
+    q @ k^T, which torch's own formula counts; that is not the model's work, so it is left out."""
+    return 2 * sdpa_flop_count(query, key, value)
+
+
+# Model FLOPs of the fused attention kernels, the same as timm's unfused path (and the reference's
+# attention) counts through its batched products. torch's FLOP counter has no formula at all for
+# the CPU kernel (its attention would count 0) and counts the recomputation in the CUDA ones.
+_aten = torch.ops.aten
+ATTENTION_FLOP_FORMULAS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
+    _aten._scaled_dot_product_flash_attention_backward: _attention_backward_flops,
+    _aten._scaled_dot_product_efficient_attention_backward: _attention_backward_flops,
+    _aten._scaled_dot_product_cudnn_attention_backward: _attention_backward_flops,
+}
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of `fn` (matrix products, convolutions and attention)."""
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOP_FORMULAS) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def peak_memory(device: torch.device) -> int:
@@ -117,9 +149,7 @@ def main() -> None:
 
     for _ in range(max(1, min(3, args.iters))):
         step(timer)
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
+    flops = count_flops(step)
     median = statistics.median(times)
     peak = max(peaks)
     result = {

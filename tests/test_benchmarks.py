@@ -37,3 +37,42 @@ def test_masking_benchmark_runs(tmp_path):
     res = run_script("benchmarks/bench_masking.py", "--batch_size", "8", "--num_patches", "16", "--repeats", "2")
     assert res.returncode == 0, res.stderr
     assert "vectorised" in res.stdout and "per-image loop" in res.stdout
+
+
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_flop_count_includes_fused_attention(needs_grad):
+    """The fused attention kernel counts as many FLOPs as timm's unfused matmul-softmax-matmul path."""
+    import torch
+    from timm.models.vision_transformer import Attention
+
+    from benchmarks.bench_pretrain import count_flops
+    attn = Attention(32, num_heads=4, qkv_bias=True)
+    x = torch.randn(2, 17, 32, requires_grad=needs_grad)
+
+    def step():
+        y = attn(x)
+        if needs_grad:
+            y.sum().backward()
+
+    counts = {}
+    for fused in (True, False):
+        attn.fused_attn = fused
+        counts[fused] = count_flops(step)
+    qkv_and_proj = 2 * 2 * 17 * 32 * (3 * 32 + 32) * (3 if needs_grad else 1)
+    assert counts[True] == counts[False] > qkv_and_proj
+
+
+def test_flop_count_of_cuda_attention_backward_leaves_out_the_recomputation():
+    """The CUDA flash kernel's backward counts the four gradient products (fake tensors: no GPU needed)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    from benchmarks.bench_pretrain import count_flops
+    aten = torch.ops.aten
+    with FakeTensorMode():
+        q = k = v = torch.empty(2, 4, 17, 8, device="cuda", dtype=torch.bfloat16)
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(q, k, v)
+        flops = count_flops(lambda: aten._scaled_dot_product_flash_attention_backward(
+            out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset))
+    assert flops == 2 * sdpa_flop_count(q.shape, k.shape, v.shape) > 0
