@@ -208,6 +208,7 @@ def test_clip_grad_norm_matches_torch(scale, one_nan):
             assert torch.equal(a.grad, before)
     assert ours[-1].grad is None
 
+
 FAULTS_OF_A_REALLOCATION = """
 import resource, sys, torch
 from util.runtime import retain_freed_memory
