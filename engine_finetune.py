@@ -152,9 +152,7 @@ def fit(run: ClassifierRun, args, start: ResumePoint, best_acc: float = 0.0) -> 
             if run.is_main:
                 save_training_checkpoint([run.output_dir / "checkpoint-last.pth"], run.fmt, args.model, epoch, args,
                                          {**states, "next_step": next_step, "rng": rng_state()})
-            log.warning(f"{STOP.signal_name}: saved epoch {epoch} at step {next_step} to checkpoint-last.pth; "
-                        f"rerun the same command to resume")
-            STOP.finish()
+            STOP.finish(epoch, next_step)
             return best_acc
         val_stats = evaluate(run.saved_model, run.val_loader, run.device, run.amp_dtype)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},

@@ -135,7 +135,7 @@ def main(args: argparse.Namespace) -> None:
                                {"model": model, "model_ema": model_ema.module if model_ema else None,
                                 "optimizer": optimizer, "scaler": scaler})
         start, best_acc = ResumePoint.from_checkpoint(ckpt), float(ckpt.get("best_acc1", 0.0))
-        log.info(f"resumed from {resume_path} at epoch {start.epoch}" + (f", step {start.step}" if start.step else ""))
+        log.info(f"resumed from {resume_path} at {start}")
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:

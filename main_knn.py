@@ -10,7 +10,7 @@ import torch
 
 from main_finetune import build_classifier
 from models_vit import features
-from util.args import check_output_dir
+from util.args import add_bad_images_flag, check_output_dir
 from util.checkpoint import load_file, load_pretrained
 from util.data import build_dataset, eval_loader, eval_transform
 from util.distributed import DistInfo, cleanup, gather_in_order
@@ -36,8 +36,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=128, help="images per process per batch")
     p.add_argument("--data_path", type=str, default=None, help="DIR with train/ and val/; default: built-in digits")
     p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--bad_images", choices=["stop", "skip"], default="stop",
-                   help="an unreadable image stops the run (naming the file), or is skipped with a warning")
+    add_bad_images_flag(p)
     p.add_argument("--output_dir", type=str, default="./output_dir", help="where log_knn.txt is appended")
     p.add_argument("--dump_features", type=str, default=None, help="save the extracted features to DIR")
     p.add_argument("--load_features", type=str, default=None, help="reuse features saved with --dump_features")

@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> None:
         ckpt = resume_training(resume_path, FORMAT_LINPROBE, args.model,
                                {"model": model.vit, "optimizer": optimizer, "scaler": scaler})
         start, best_acc = ResumePoint.from_checkpoint(ckpt), float(ckpt.get("best_acc1", 0.0))
-        log.info(f"resumed from {resume_path} at epoch {start.epoch}" + (f", step {start.step}" if start.step else ""))
+        log.info(f"resumed from {resume_path} at {start}")
     train_model = model
     if dist_info.world_size > 1:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

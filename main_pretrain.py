@@ -134,7 +134,7 @@ def main(args: argparse.Namespace) -> tuple[models_hpm.MaskedAutoencoderHPM, mod
         if teacher is None and ckpt.get("teacher") is not None:
             raise UserError(f"--resume {resume_path}: an HPM checkpoint, but --no-learning_loss is set; drop it")
         start = ResumePoint.from_checkpoint(ckpt)
-        log.info(f"resumed from {resume_path} at epoch {start.epoch}" + (f", step {start.step}" if start.step else ""))
+        log.info(f"resumed from {resume_path} at {start}")
     mask_generator = setup.mask_generator
 
     writer = None
@@ -168,9 +168,7 @@ def main(args: argparse.Namespace) -> tuple[models_hpm.MaskedAutoencoderHPM, mod
                                       "next_step": 0 if finished else next_step,
                                       "rng": None if finished else rng_state(mask_generator)})
         if not finished:
-            log.warning(f"{STOP.signal_name}: saved epoch {epoch} at step {next_step} to checkpoint-last.pth; "
-                        f"rerun the same command to resume")
-            STOP.finish()
+            STOP.finish(epoch, next_step)
             return student, teacher
         if dist_info.is_main:
             append_json_log(output_dir / "log.txt", {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},

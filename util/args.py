@@ -6,6 +6,11 @@ from pathlib import Path
 from util.errors import UserError
 
 
+def add_bad_images_flag(group) -> None:
+    group.add_argument("--bad_images", choices=["stop", "skip"], default="stop",
+                       help="an unreadable image stops the run (naming the file), or is skipped with a warning")
+
+
 def common_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("training")
@@ -28,8 +33,7 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_path", type=str, default=None,
                    help="DIR with train/ and val/ ImageFolders or train.txt/val.txt lists; "
                         "default: the built-in scikit-learn digits")
-    g.add_argument("--bad_images", choices=["stop", "skip"], default="stop",
-                   help="an unreadable image stops the run (naming the file), or is skipped with a warning")
+    add_bad_images_flag(g)
     g.add_argument("--num_workers", type=int, default=2)
     g.add_argument("--pin_mem", action="store_true", default=True, help="pin loader memory (GPU only)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")

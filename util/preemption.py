@@ -4,6 +4,7 @@ Plain runs listen to SIGTERM and SIGUSR1 and exit with EXIT_PREEMPTED after savi
 submitit, its timeout/preemption signal is caught the same way and, once the checkpoint is
 written, handed back to submitit, which requeues the job.
 """
+import logging
 import random
 import signal
 import sys
@@ -16,6 +17,8 @@ import torch
 from util.distributed import is_distributed
 
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: rerun the same command to resume
+
+log = logging.getLogger("hpm")
 
 
 class StopRequest:
@@ -48,8 +51,10 @@ class StopRequest:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
-    def finish(self) -> None:
-        """Called once the checkpoint is on disk."""
+    def finish(self, epoch: int, step: int) -> None:
+        """Called once the checkpoint of `epoch`, stopped before `step`, is on disk."""
+        log.warning(f"{self.signal_name}: saved epoch {epoch} at step {step} to checkpoint-last.pth; "
+                    f"rerun the same command to resume")
         self._after_save()
 
 
@@ -86,6 +91,9 @@ class ResumePoint:
     epoch: int = 0
     step: int = 0
     rng: dict | None = None
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch}" + (f", step {self.step}" if self.step else "")
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "ResumePoint":
