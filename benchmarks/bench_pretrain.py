@@ -3,7 +3,9 @@
 Prints and optionally writes as JSON: seconds per iteration (median/min/max), images/s, the time
 of each phase, FLOPs per iteration (torch's FLOP counter, given model-FLOP formulas for the fused
 attention kernels), achieved FLOP/s, the device's measured dense matmul throughput in the same
-run, their ratio (MFU) and peak memory.
+run, their ratio (MFU) and peak memory. With `--paired_mae` an MAE step of the same model runs next
+to every HPM step (ABBA order) and the HPM/MAE time ratio is taken pair by pair, so that the
+machine's drift cancels out of it.
 
     python benchmarks/bench_pretrain.py --model mae_vit_base_patch16 --batch_size 8 --amp none --threads 2
 """
@@ -36,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     g.add_argument("--json", type=str, default=None, help="write the results to this file")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--paired_mae", action="store_true",
+                   help="also time an MAE step next to every HPM step and report the pairwise HPM/MAE time ratio")
     p.set_defaults(model="mae_vit_base_patch16", batch_size=8, amp="none", lr=1e-4)
     return p.parse_args()
 
@@ -100,27 +104,43 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
 
 
+def abba_order(iters: int) -> list[str]:
+    """HPM, MAE, MAE, HPM, ...: adjacent runs form the pairs, and a linear drift favours neither mode."""
+    return [("HPM", "MAE", "MAE", "HPM")[i % 4] for i in range(2 * iters)]
+
+
 def main() -> None:
     args = parse_args()
+    if args.paired_mae and not args.learning_loss:
+        raise SystemExit("--paired_mae times MAE next to HPM: drop --no-learning_loss")
     if args.threads:
         torch.set_num_threads(args.threads)
     _, device = start_process(args.device)
     amp_dtype = resolve_amp(args.amp, device)
-    torch.manual_seed(0)
-    student = build_model(args).to(device)
-    setup = make_setup(args, student, device, amp_dtype, world_size=1)
-    size = student.patch_embed.img_size[0]
-    imgs = torch.randn(args.batch_size, 3, size, size, device=device)
     alpha, decay = 0.25, 0.999
 
-    def step(timer=None):
-        kwargs = {"timer": timer} if timer is not None else {}
-        values = train_step(setup, imgs, alpha, decay, args, last_micro_step=True, **kwargs)
-        return values
+    def make_step(learning_loss: bool):
+        torch.manual_seed(0)
+        mode_args = argparse.Namespace(**{**vars(args), "learning_loss": learning_loss})
+        student = build_model(mode_args).to(device)
+        setup = make_setup(mode_args, student, device, amp_dtype, world_size=1)
+        student.train()
 
-    student.train()
-    for _ in range(args.warmup):
-        step()
+        def step(imgs: torch.Tensor, timer=None):
+            kwargs = {"timer": timer} if timer is not None else {}
+            return train_step(setup, imgs, alpha, decay, mode_args, last_micro_step=True, **kwargs)
+        return student, step
+
+    student, step = make_step(args.learning_loss)
+    size = student.patch_embed.img_size[0]
+    imgs = torch.randn(args.batch_size, 3, size, size, device=device)
+    mode = "HPM" if args.learning_loss else "MAE"
+    steps = {mode: step}
+    if args.paired_mae:
+        steps["MAE"] = make_step(False)[1]
+    for run in steps.values():
+        for _ in range(args.warmup):
+            run(imgs)
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -128,10 +148,11 @@ def main() -> None:
     # A shared machine's throughput drifts: probe the matmul peak between timed iterations, so that
     # every iteration has a probe right before and right after it.
     peak_dtype = amp_dtype or torch.float32
+    order = abba_order(args.iters) if args.paired_mae else [mode] * args.iters
     times, peaks = [], [matmul_peak(device, peak_dtype, seconds=1.0)]
-    for _ in range(args.iters):
+    for name in order:
         t = time.perf_counter()
-        step()
+        steps[name](imgs)
         synchronize(device)
         times.append(time.perf_counter() - t)
         peaks.append(matmul_peak(device, peak_dtype, seconds=1.0))
@@ -148,28 +169,41 @@ def main() -> None:
         phases[phase].append(time.perf_counter() - t)
 
     for _ in range(max(1, min(3, args.iters))):
-        step(timer)
-    flops = count_flops(step)
-    median = statistics.median(times)
+        step(imgs, timer)
     peak = max(peaks)
+
+    def timing(name: str) -> dict:
+        runs = [(t, p) for n, t, p in zip(order, times, peaks_around) if n == name]
+        mode_times = [t for t, _ in runs]
+        flops = count_flops(lambda: steps[name](imgs))
+        median = statistics.median(mode_times)
+        return {
+            "iter_s_median": median, "iter_s_min": min(mode_times), "iter_s_max": max(mode_times),
+            "iter_s_all": mode_times, "images_per_s": args.batch_size / median,
+            "flops_per_iter": flops, "achieved_flops_per_s": flops / median, "mfu": flops / median / peak,
+            "mfu_per_iter_median": statistics.median(flops / t / p for t, p in runs),
+        }
+
     result = {
-        "model": args.model, "mode": "HPM" if args.learning_loss else "MAE", "batch_size": args.batch_size,
+        "model": args.model, "mode": mode, "batch_size": args.batch_size,
         "input_size": size, "amp": str(amp_dtype or "fp32"), "compile": args.compile, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup,
-        "iter_s_median": median, "iter_s_min": min(times), "iter_s_max": max(times), "iter_s_all": times,
-        "images_per_s": args.batch_size / median,
+        **timing(mode),
         "phase_s": {k: statistics.median(v) for k, v in phases.items()},
-        "flops_per_iter": flops, "achieved_flops_per_s": flops / median,
         "matmul_peak_flops_per_s": peak, "matmul_peak_dtype": str(peak_dtype),
-        "matmul_peak_probes_flops_per_s": peaks, "mfu": flops / median / peak,
-        "mfu_per_iter_median": statistics.median(flops / t / p for t, p in zip(times, peaks_around)),
+        "matmul_peak_probes_flops_per_s": peaks,
         "peak_mem_bytes": peak_memory(device),
     }
+    if args.paired_mae:
+        pairs = [(times[i], times[i + 1]) if order[i] == "HPM" else (times[i + 1], times[i])
+                 for i in range(0, len(order), 2)]
+        ratios = [hpm / mae for hpm, mae in pairs]
+        result["paired_mae"] = {**timing("MAE"), "order": order, "hpm_mae_ratio_all": ratios,
+                                "hpm_mae_ratio_median": statistics.median(ratios)}
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()

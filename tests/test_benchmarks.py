@@ -33,6 +33,24 @@ def test_pretrain_benchmark_reports_every_key_for_hpm_and_mae(tmp_path):
     assert 1.5 < hpm["flops_per_iter"] / mae["flops_per_iter"] < 3.5
 
 
+def test_pretrain_benchmark_pairs_hpm_with_mae(tmp_path):
+    result = _bench(tmp_path, "--paired_mae")
+    paired = result["paired_mae"]
+    assert paired["order"] == ["HPM", "MAE", "MAE", "HPM"]
+    assert len(result["iter_s_all"]) == len(paired["iter_s_all"]) == 2
+    assert len(result["matmul_peak_probes_flops_per_s"]) == 5
+    hpm, mae = result["iter_s_all"], paired["iter_s_all"]
+    assert paired["hpm_mae_ratio_all"] == pytest.approx([hpm[0] / mae[0], hpm[1] / mae[1]])
+    assert 1.5 < result["flops_per_iter"] / paired["flops_per_iter"] < 3.5
+    assert all(paired[k] > 0 for k in KEYS if k in paired)
+
+
+def test_pretrain_benchmark_refuses_pairing_mae_with_mae(tmp_path):
+    res = run_script("benchmarks/bench_pretrain.py", "--model", "mae_vit_tiny_patch4", "--no-learning_loss",
+                     "--paired_mae", "--iters", "1")
+    assert res.returncode != 0 and "--paired_mae" in res.stderr
+
+
 def test_masking_benchmark_runs(tmp_path):
     res = run_script("benchmarks/bench_masking.py", "--batch_size", "8", "--num_patches", "16", "--repeats", "2")
     assert res.returncode == 0, res.stderr
