@@ -205,5 +205,6 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
+
 if __name__ == "__main__":
     main()
