@@ -196,10 +196,10 @@ def main() -> None:
         "peak_mem_bytes": peak_memory(device),
     }
     if args.paired_mae:
-        pairs = [(times[i], times[i + 1]) if order[i] == "HPM" else (times[i + 1], times[i])
-                 for i in range(0, len(order), 2)]
-        ratios = [hpm / mae for hpm, mae in pairs]
-        result["paired_mae"] = {**timing("MAE"), "order": order, "hpm_mae_ratio_all": ratios,
+        mae = timing("MAE")
+        # In ABBA order the k-th HPM and the k-th MAE run are the k-th adjacent pair.
+        ratios = [t_hpm / t_mae for t_hpm, t_mae in zip(result["iter_s_all"], mae["iter_s_all"])]
+        result["paired_mae"] = {**mae, "order": order, "hpm_mae_ratio_all": ratios,
                                 "hpm_mae_ratio_median": statistics.median(ratios)}
     print(json.dumps(result, indent=2))
     if args.json:
