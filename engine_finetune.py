@@ -1,81 +1,26 @@
-"""Fine-tuning / linear-probing epochs and the full-validation-set evaluation."""
-import datetime
+"""The classifier step (fine-tuning and linear probing) for the shared loop, the
+full-validation-set evaluation, and the wiring both scripts share."""
 import logging
-import math
-import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
 
-from util.distributed import is_distributed, reduce_stats
+from engine import Run, Timer, fit, no_timer
+from models_vit import build_classifier
+from util.args import check_common, check_output_dir
+from util.checkpoint import find_resume
+from util.data import build_dataset, eval_loader, eval_transform, train_loader
+from util.distributed import is_distributed
 from util.errors import UserError
-from util.logger import MetricLogger
-from util.checkpoint import save_training_checkpoint
-from util.preemption import STOP, ResumePoint, rng_state
-from util.runtime import append_json_log, autocast, optimizer_step, seed_epoch, set_scheduled_lr
+from util.optim import effective_lr
+from util.precision import autocast, make_scaler, resolve_amp
+from util.process import start_process
 
 log = logging.getLogger("hpm")
-
-
-def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, device: torch.device, amp_dtype, epoch: int, args,
-                    mixup_fn: Callable | None = None, model_ema=None, writer=None,
-                    first_step: int = 0) -> tuple[dict[str, float], int]:
-    """Train from `first_step` to the end of the epoch, or until a stop is requested.
-
-    Returns the epoch's averaged metrics and the index of the next step to run.
-    """
-    model.train()
-    metrics = MetricLogger()
-    steps = first_step + len(loader)
-    next_step = steps
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer.zero_grad(set_to_none=True)
-    header = f"Epoch [{epoch}/{args.epochs}]"
-    for step, (imgs, targets) in enumerate(metrics.log_every(loader, args.print_freq, header), start=first_step):
-        if step % args.accum_iter == 0:
-            lr = set_scheduled_lr(optimizer, epoch + step / steps, args)
-        imgs = imgs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            imgs, targets = mixup_fn(imgs, targets)
-        last_micro_step = (step + 1) % args.accum_iter == 0
-        no_sync = getattr(model, "no_sync", None)
-        with (no_sync() if no_sync is not None and not last_micro_step else nullcontext()):
-            with autocast(device, amp_dtype):
-                loss = criterion(model(imgs), targets)
-            scaler.scale(loss / args.accum_iter).backward()
-        values = {"loss": loss}
-        if last_micro_step:
-            grad_norm, skipped = optimizer_step(optimizer, scaler, trainable, args.clip_grad)
-            if grad_norm is not None:
-                values["grad_norm"] = grad_norm
-            if scaler.is_enabled():
-                values["skipped_steps"] = skipped
-            if model_ema is not None:
-                model_ema.update(model)
-        metrics.update(**values, lr=lr)
-        if step % args.print_freq == 0 or step == steps - 1:
-            check_finite(float(metrics.last["loss"]), epoch, step, scaler)
-            if writer is not None:
-                for name, value in metrics.last.items():
-                    writer.add_scalar(f"train/{name}", float(value), epoch * steps + step)
-        if last_micro_step and STOP.requested(device, sync=(step + 1) // args.accum_iter % args.print_freq == 0):
-            next_step = step + 1
-            break
-    stats = reduce_stats(metrics.averages(), device)
-    check_finite(stats["loss"], epoch, next_step - 1, scaler)
-    return stats, next_step
-
-
-def check_finite(loss: float, epoch: int, step: int, scaler: torch.amp.GradScaler) -> None:
-    if not math.isfinite(loss) and not scaler.is_enabled():
-        raise UserError(f"non-finite training loss at epoch {epoch}, step {step}; the last good checkpoint is "
-                        f"kept: lower --blr, set --clip_grad, or use --amp none")
 
 
 def describe_eval(stats: dict[str, float]) -> str:
@@ -107,76 +52,107 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> 
     return {"loss": loss / count, "acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "count": int(count)}
 
 
-@dataclass
-class ClassifierRun:
-    """What `fit` needs besides the model: the loaders, optimisation objects and outputs."""
-    train_model: nn.Module                 # what the loop calls (possibly DDP-wrapped)
-    saved_model: nn.Module                 # what checkpoints hold and validation scores
-    criterion: nn.Module
-    loader: object
-    val_loader: object
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    fmt: str                               # checkpoint format
-    output_dir: Path
-    is_main: bool
-    rank: int = 0
-    mixup_fn: Callable | None = None
-    model_ema: object | None = None
-    writer: object | None = None
+class ClassifierTask:
+    """Supervised training of a classifier (fine-tuning, or a linear probe's head); each epoch ends
+    with the full validation set, and the best top-1 is kept as checkpoint-best.pth."""
 
+    objective = "loss"
+    finite_losses = {"loss": "training"}
+    score_key = "test_acc1"
+    generators = ()
 
-def fit(run: ClassifierRun, args, start: ResumePoint, best_acc: float = 0.0) -> float:
-    """Epochs from `start` to args.epochs: train, score the full validation set, save, log.
+    def __init__(self, model: nn.Module, saved_model: nn.Module, criterion: nn.Module, val_loader,
+                 device: torch.device, amp_dtype: torch.dtype | None, world_size: int = 1,
+                 mixup_fn: Callable | None = None, model_ema=None) -> None:
+        self.saved_model = saved_model                 # what checkpoints hold and validation scores
+        self.model = model
+        if world_size > 1:
+            self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.criterion, self.val_loader = criterion, val_loader
+        self.device, self.amp_dtype = device, amp_dtype
+        self.mixup_fn, self.model_ema = mixup_fn, model_ema
 
-    A stop request saves a mid-epoch checkpoint and ends the process through STOP.finish().
-    Returns the best top-1 accuracy.
-    """
-    STOP.install()
-    steps_per_epoch = len(run.loader)
-    ema_module = run.model_ema.module if run.model_ema is not None else None
-    started = time.time()
-    for epoch in range(start.epoch, args.epochs):
-        seed_epoch(args.seed, run.rank, epoch)
-        first_step = start.first_step(epoch, run.is_main)
-        run.loader.sampler.set_epoch(epoch, skip=first_step * args.batch_size)
-        train_stats, next_step = train_one_epoch(run.train_model, run.criterion, run.loader, run.optimizer,
-                                                 run.scaler, run.device, run.amp_dtype, epoch, args, run.mixup_fn,
-                                                 run.model_ema, run.writer, first_step)
-        finished = next_step >= steps_per_epoch
-        states = {"model": run.saved_model, "model_ema": ema_module, "optimizer": run.optimizer,
-                  "scaler": run.scaler, "best_acc1": best_acc}
-        if not finished:
-            if run.is_main:
-                save_training_checkpoint([run.output_dir / "checkpoint-last.pth"], run.fmt, args.model, epoch, args,
-                                         {**states, "next_step": next_step, "rng": rng_state()})
-            STOP.finish(epoch, next_step)
-            return best_acc
-        val_stats = evaluate(run.saved_model, run.val_loader, run.device, run.amp_dtype)
-        record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                  **{f"test_{k}": v for k, v in val_stats.items()}}
-        if ema_module is not None:
-            ema_stats = evaluate(ema_module, run.val_loader, run.device, run.amp_dtype)
+    def train(self) -> None:
+        self.model.train()
+
+    def forward(self, batch, epoch: int, timer: Timer = no_timer) -> dict[str, torch.Tensor]:
+        imgs = batch[0].to(self.device, non_blocking=True)
+        targets = batch[1].to(self.device, non_blocking=True)
+        if self.mixup_fn is not None:
+            imgs, targets = self.mixup_fn(imgs, targets)
+        with timer("forward"), autocast(self.device, self.amp_dtype):
+            return {"loss": self.criterion(self.model(imgs), targets)}
+
+    def after_optimizer_step(self, epoch: int, timer: Timer = no_timer) -> None:
+        if self.model_ema is not None:
+            self.model_ema.update(self.model)
+
+    def scalars(self, epoch: int) -> dict[str, float]:
+        return {}
+
+    def states(self) -> dict:
+        return {"model": self.saved_model, "model_ema": self.model_ema.module if self.model_ema is not None else None}
+
+    def end_epoch(self, epoch: int, writer) -> dict:
+        stats = evaluate(self.saved_model, self.val_loader, self.device, self.amp_dtype)
+        record = {f"test_{k}": v for k, v in stats.items()}
+        if self.model_ema is not None:
+            ema_stats = evaluate(self.model_ema.module, self.val_loader, self.device, self.amp_dtype)
             record.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
-        is_best = val_stats["acc1"] > best_acc
-        best_acc = max(best_acc, val_stats["acc1"])
-        if run.is_main:
-            paths = [run.output_dir / "checkpoint-last.pth"]
-            if is_best:
-                paths.append(run.output_dir / "checkpoint-best.pth")
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                paths.append(run.output_dir / f"checkpoint-{epoch}.pth")
-            save_training_checkpoint(paths, run.fmt, args.model, epoch + 1, args, {**states, "best_acc1": best_acc})
-            append_json_log(run.output_dir / "log.txt", {**record, "best_acc1": best_acc})
+        if writer is not None:
             for key in ("acc1", "acc5", "loss"):
-                run.writer.add_scalar(f"test/{key}", val_stats[key], epoch)
-            run.writer.flush()
-        ema_note = f", EMA top-1 {record['test_ema_acc1']:.2f}%" if ema_module is not None else ""
-        log.info(f"epoch {epoch}: top-1 {val_stats['acc1']:.2f}% top-5 {val_stats['acc5']:.2f}% on "
-                 f"{val_stats['count']} images (best {best_acc:.2f}%){ema_note}")
-    if run.writer is not None:
-        run.writer.close()
-    log.info(f"training time {datetime.timedelta(seconds=int(time.time() - started))}; best top-1 {best_acc:.2f}%")
-    return best_acc
+                writer.add_scalar(f"test/{key}", stats[key], epoch)
+            writer.flush()
+        return record
+
+    def describe(self, record: dict) -> str:
+        ema = f", EMA top-1 {record['test_ema_acc1']:.2f}%" if "test_ema_acc1" in record else ""
+        return (f"epoch {record['epoch']}: top-1 {record['test_acc1']:.2f}% top-5 {record['test_acc5']:.2f}% on "
+                f"{record['test_count']} images (best {record['best_acc1']:.2f}%){ema}")
+
+
+class ClassifierSetup:
+    """What fine-tuning and linear probing wire up alike: process, data, loaders, precision,
+    learning rate, output directory, tensorboard and the loop's `Run`."""
+
+    def __init__(self, args, train_transform: Callable | None) -> None:
+        self.args = args
+        self.dist, self.device = start_process(args.device, args.dist_url)
+        check_common(args)
+        args.input_size = build_classifier(args, 1).patch_embed.img_size[0]
+        self.val_set = build_dataset(args.data_path, "val", eval_transform(args.input_size), args.bad_images)
+        self.train_set = None
+        if train_transform is not None:
+            self.train_set = build_dataset(args.data_path, "train", train_transform(args.input_size, args),
+                                           args.bad_images)
+        self.num_classes = args.nb_classes or getattr(self.train_set or self.val_set, "num_classes", None)
+        if not self.num_classes:
+            raise UserError("cannot tell the number of classes from the data: pass --nb_classes")
+        torch.manual_seed(args.seed)
+        self.pin = args.pin_mem and self.device.type == "cuda"
+        self.val_loader = eval_loader(self.val_set, self.dist, args.batch_size, args.num_workers, self.pin)
+        self.amp_dtype = resolve_amp(args.amp, self.device)
+        args.lr = effective_lr(args, self.dist.world_size)
+        self.output_dir = Path(args.output_dir)
+
+    def prepare_output(self) -> Path | None:
+        """The training loader and the output directory; returns the checkpoint to resume from, if any."""
+        args = self.args
+        self.loader = train_loader(self.train_set, self.dist, args.batch_size, args.num_workers, self.pin, args.seed)
+        if self.dist.is_main:
+            self.output_dir = check_output_dir(args.output_dir)
+        return find_resume(args.resume, args.auto_resume, self.output_dir)
+
+    def fit(self, task: ClassifierTask, optimizer: torch.optim.Optimizer, fmt: str, resume_path: Path | None,
+            what: str) -> None:
+        """Resume if asked, then train to args.epochs with the shared loop; `what` heads the start line."""
+        writer = SummaryWriter(log_dir=self.args.log_dir or str(self.output_dir)) if self.dist.is_main else None
+        run = Run(task, self.loader, optimizer, make_scaler(self.device, self.amp_dtype), self.device, self.dist,
+                  self.output_dir, fmt, self.args, writer)
+        start, best = run.resume(resume_path)
+        log.info(f"{what}, {self.describe()}, lr {self.args.lr:.3g}")
+        fit(run, start, best)
+
+    def describe(self) -> str:
+        return (f"{self.num_classes} classes, {len(self.train_set)} training / {len(self.val_set)} validation "
+                f"images")

@@ -1,153 +1,156 @@
-"""One pretraining epoch (HPM or MAE) and the reconstruction picture for tensorboard."""
-import math
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable, ContextManager
+"""The pretraining step (HPM or MAE) for the shared loop, the objects it trains, and the
+reconstruction picture for tensorboard.
+
+One batch: loader -> `PretrainTask.forward` -> the teacher's mask (HPM) or the mask policy (MAE)
+-> the student (models_hpm) -> its losses -> the loop's optimizer step -> the teacher's update.
+"""
+import argparse
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.optim import param_groups_weight_decay
 
-from models_hpm import MaskedAutoencoderHPM
+import models_hpm
+from engine import Timer, no_timer
+from models_hpm import HPMTeacher, MaskedAutoencoderHPM
+from util.args import data_parser, model_parser, runtime_parser, training_parser
 from util.errors import UserError
-from util.distributed import reduce_stats
-from util.logger import MetricLogger
-from util.masking import hard_patch_mask
+from util.masking import mask_policy
 from util.patches import gather_patches
-from util.preemption import STOP
-from util.runtime import autocast, optimizer_step, set_scheduled_lr
-from util.schedules import hard_patch_alpha, teacher_decay
-
-MaskFn = Callable[[int, torch.device, torch.Generator], torch.Tensor]
-Timer = Callable[[str], ContextManager]
+from util.precision import autocast
 
 
-def no_timer(phase: str) -> ContextManager:
-    """The default phase timer: nothing (the benchmark passes one that measures)."""
-    return nullcontext()
+def hpm_parser() -> argparse.ArgumentParser:
+    """The pretraining flags (parent of main_pretrain's parser and the benchmark's)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("HPM")
+    g.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches masked")
+    g.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixel targets")
+    g.add_argument("--learning_loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="HPM: loss predictor + EMA teacher choosing hard patches; off = MAE baseline")
+    g.add_argument("--relative", action=argparse.BooleanOptionalAction, default=True,
+                   help="relative (ranking) loss-prediction objective; off = absolute (MSE) objective")
+    g.add_argument("--mask_regular", action="store_true", help="MAE mode: UM-MAE 2x2 regular mask")
+    g.add_argument("--mask_block", action="store_true", help="MAE mode: one visible square, the rest masked")
+    g.add_argument("--vis_mask_ratio", type=float, default=0.0,
+                   help="UM-MAE: share of visible tokens replaced by a learned token in the encoder")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the student and the teacher: faster steps after a one-time compile")
+    g.add_argument("--experiment", type=str, default=None,
+                   help="name of the run: outputs go to output_dir/<experiment>")
+    return p
 
 
-class NonFiniteLossError(UserError):
-    """Training diverged; the last good checkpoint is left as it was."""
+def pretrain_parents() -> list[argparse.ArgumentParser]:
+    """Every flag group of main_pretrain.py."""
+    return [model_parser(models_hpm.PRETRAIN_MODELS.names(), "mae_vit_tiny_patch4"), data_parser(),
+            training_parser(), runtime_parser(), hpm_parser()]
 
 
-@dataclass
-class PretrainSetup:
-    model: nn.Module                       # the student, possibly DDP-wrapped or compiled
-    student: MaskedAutoencoderHPM          # the unwrapped student (for losses and EMA)
-    teacher: MaskedAutoencoderHPM | None   # EMA copy; None for MAE
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    random_mask: MaskFn                    # the mask of MAE mode
-    mask_generator: torch.Generator
-    device: torch.device
-    amp_dtype: torch.dtype | None
-
-    def __post_init__(self) -> None:
-        self.student_params = list(self.student.parameters())
-        self.trainable = [p for p in self.student_params if p.requires_grad]
-        self.teacher_params = list(self.teacher.parameters()) if self.teacher is not None else []
+def build_student(args: argparse.Namespace) -> MaskedAutoencoderHPM:
+    kwargs = dict(mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss, learning_loss=args.learning_loss,
+                  relative=args.relative, vis_mask_ratio=args.vis_mask_ratio)
+    if args.input_size is not None:
+        kwargs["img_size"] = args.input_size
+    try:
+        return models_hpm.create_pretrain_model(args.model, **kwargs)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
-@torch.no_grad()
-def update_teacher(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], decay: float) -> None:
-    """t = d * t + (1 - d) * s for every tensor, in one fused call."""
-    torch._foreach_lerp_(teacher_params, student_params, 1.0 - decay)
+def mask_kind(args: argparse.Namespace) -> str:
+    """The MAE baseline's mask policy, from its flags (HPM's masks come from the teacher)."""
+    return "regular" if args.mask_regular else "block" if args.mask_block else "random"
 
 
-def make_mask(setup: PretrainSetup, imgs: torch.Tensor, alpha: float, timer: Timer = no_timer) -> torch.Tensor:
-    """HPM: the teacher's predicted losses choose the hard patches; MAE, and HPM while
-    int(M * alpha) is still 0 (uniform masks either way), skip the teacher."""
-    if setup.teacher is None or int(setup.student.num_masked * alpha) <= 0:
+class PretrainTask:
+    """HPM (a teacher chooses the masks) or MAE (no teacher, a mask policy does)."""
+
+    objective = "total"
+    finite_losses = {"recon": "reconstruction", "loss_pred": "loss-prediction"}
+    score_key = None
+
+    def __init__(self, student: MaskedAutoencoderHPM, args: argparse.Namespace, device: torch.device,
+                 amp_dtype: torch.dtype | None, world_size: int = 1, preview: torch.Tensor | None = None) -> None:
+        self.student = student
+        self.teacher = HPMTeacher(student, args.epochs, args.compile) if args.learning_loss else None
+        try:
+            self.mask_policy = mask_policy(mask_kind(args), student.grid_size, student.num_masked)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        self.device, self.amp_dtype, self.seed = device, amp_dtype, args.seed
+        self.mask_generator = torch.Generator(device=device)
+        self.generators = (self.mask_generator,)
+        model: nn.Module = student
+        if world_size > 1:
+            model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        self.model = torch.compile(model) if args.compile else model
+        self.preview = preview
+        self.num_parameters = sum(p.numel() for p in student.parameters() if p.requires_grad)
+
+    @property
+    def name(self) -> str:
+        return "HPM" if self.teacher is not None else "MAE"
+
+    def train(self) -> None:
+        self.model.train()
+
+    def precision(self):
+        return autocast(self.device, self.amp_dtype)
+
+    def mask(self, imgs: torch.Tensor, epoch: int, generator: torch.Generator, timer: Timer = no_timer) -> torch.Tensor:
+        if self.teacher is not None:
+            return self.teacher.mask(imgs, epoch, generator, self.precision, timer)
         with timer("masking"):
-            return setup.random_mask(imgs.shape[0], imgs.device, setup.mask_generator)
-    with timer("teacher"), autocast(setup.device, setup.amp_dtype):
-        pred_loss = setup.teacher.predict_losses(imgs)
-    with timer("masking"):
-        return hard_patch_mask(pred_loss, setup.student.num_masked, alpha, generator=setup.mask_generator)
+            return self.mask_policy(imgs.shape[0], imgs.device, generator)
 
+    def forward(self, batch, epoch: int, timer: Timer = no_timer) -> dict[str, torch.Tensor]:
+        imgs = batch[0].to(self.device, non_blocking=True)
+        mask = self.mask(imgs, epoch, self.mask_generator, timer)
+        with timer("forward"), self.precision():
+            losses = self.student.forward_loss(imgs, self.model(imgs, mask))
+        values = {"total": losses.total, "recon": losses.recon}
+        if losses.loss_pred is not None:
+            values["loss_pred"] = losses.loss_pred
+        return values
 
-def train_step(setup: PretrainSetup, imgs: torch.Tensor, alpha: float, decay: float, args, last_micro_step: bool,
-               timer: Timer = no_timer) -> dict[str, torch.Tensor]:
-    """One micro-step: mask, student forward and backward; at the last micro-step of an
-    accumulation also the optimizer step and the teacher's EMA update. Returns device tensors."""
-    s = setup
-    mask = make_mask(s, imgs, alpha, timer)
-    no_sync = getattr(s.model, "no_sync", None)
-    with (no_sync() if no_sync is not None and not last_micro_step else nullcontext()):
-        with timer("forward"), autocast(s.device, s.amp_dtype):
-            out = s.model(imgs, mask)
-            losses = s.student.forward_loss(imgs, out)
-        with timer("backward"):
-            s.scaler.scale(losses.total / args.accum_iter).backward()
-    values = {"loss": losses.total, "recon": losses.recon}
-    if losses.loss_pred is not None:
-        values["loss_pred"] = losses.loss_pred
-    if last_micro_step:
-        with timer("optimizer"):
-            grad_norm, skipped = optimizer_step(s.optimizer, s.scaler, s.trainable, args.clip_grad)
-        if grad_norm is not None:
-            values["grad_norm"] = grad_norm
-        if s.scaler.is_enabled():
-            values["skipped_steps"] = skipped
-        if s.teacher is not None:
+    def after_optimizer_step(self, epoch: int, timer: Timer = no_timer) -> None:
+        if self.teacher is not None:
             with timer("ema"):
-                update_teacher(s.teacher_params, s.student_params, decay)
-    return values
+                self.teacher.update(epoch)
+
+    def scalars(self, epoch: int) -> dict[str, float]:
+        return self.teacher.scalars(epoch) if self.teacher is not None else {}
+
+    def states(self) -> dict:
+        return {"model": self.student, "teacher": self.teacher}
+
+    def end_epoch(self, epoch: int, writer) -> dict:
+        if writer is not None and self.preview is not None:
+            self.log_images(writer, epoch)
+        return {"n_parameters": self.num_parameters}
+
+    def describe(self, record: dict) -> str:
+        pred = f", loss_pred {record['train_loss_pred']:.4f}" if "train_loss_pred" in record else ""
+        return f"epoch {record['epoch']} done: recon {record['train_recon']:.4f}{pred}, total {record['train_total']:.4f}"
+
+    def log_images(self, writer, epoch: int) -> None:
+        """The same images and mask seed every epoch, masked as this epoch's training masks them."""
+        imgs = self.preview
+        mask = self.mask(imgs, epoch, torch.Generator(device=imgs.device).manual_seed(self.seed))
+        pred_loss = self.teacher.predict_losses(imgs).float() if self.teacher is not None else None
+        writer.add_image("reconstruction", reconstruction_grid(self.student, imgs, mask, pred_loss), epoch)
+        writer.flush()
 
 
-def train_one_epoch(setup: PretrainSetup, loader, epoch: int, args, writer=None,
-                    first_step: int = 0) -> tuple[dict[str, float], int]:
-    """Train from `first_step` to the end of the epoch, or until a stop is requested.
-
-    Returns the epoch's averaged metrics and the index of the next step to run.
-    """
-    s = setup
-    s.model.train()
-    metrics = MetricLogger()
-    steps = first_step + len(loader)
-    alpha = hard_patch_alpha(epoch, args.epochs)
-    decay = teacher_decay(epoch)
-    s.optimizer.zero_grad(set_to_none=True)
-
-    next_step = steps
-    for step, (imgs, _) in enumerate(metrics.log_every(loader, args.print_freq, f"Epoch [{epoch}/{args.epochs}]"),
-                                     start=first_step):
-        if step % args.accum_iter == 0:
-            lr = set_scheduled_lr(s.optimizer, epoch + step / steps, args)
-        imgs = imgs.to(s.device, non_blocking=True)
-        last_micro_step = (step + 1) % args.accum_iter == 0
-        values = train_step(s, imgs, alpha, decay, args, last_micro_step)
-        metrics.update(**values, lr=lr)
-        if step % args.print_freq == 0 or step == steps - 1:
-            check_finite(metrics.last, epoch, step, s.scaler)
-            if writer is not None:
-                global_step = epoch * steps + step
-                for name, value in metrics.last.items():
-                    writer.add_scalar(f"train/{name}", float(value), global_step)
-                if s.teacher is not None:
-                    writer.add_scalar("train/alpha", alpha, global_step)
-                    writer.add_scalar("train/teacher_decay", decay, global_step)
-        if last_micro_step and STOP.requested(s.device, sync=(step + 1) // args.accum_iter % args.print_freq == 0):
-            next_step = step + 1
-            break
-    stats = reduce_stats(metrics.averages(), s.device)
-    check_finite(stats, epoch, next_step - 1, s.scaler)
-    if s.teacher is not None:
-        stats.update(alpha=alpha, teacher_decay=decay)
-    return stats, next_step
-
-
-def check_finite(values: dict, epoch: int, step: int, scaler: torch.amp.GradScaler) -> None:
-    """Stop on a non-finite loss; with fp16 the scaler already skips such steps."""
-    for name in ("recon", "loss_pred"):
-        if name in values and not math.isfinite(float(values[name])):
-            if scaler.is_enabled():
-                continue
-            which = "reconstruction" if name == "recon" else "loss-prediction"
-            raise NonFiniteLossError(f"non-finite {which} loss at epoch {epoch}, step {step}; the last good "
-                                     f"checkpoint is kept: lower --blr or --clip_grad, or use --amp none")
+def make_optimizer(student: MaskedAutoencoderHPM, args: argparse.Namespace,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, betas (0.9, 0.95), no weight decay on 1-D parameters and biases."""
+    return torch.optim.AdamW(param_groups_weight_decay(student, args.weight_decay), lr=args.lr,
+                             betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
 
 
 @torch.no_grad()

@@ -8,48 +8,40 @@ from pathlib import Path
 
 import torch
 
-from main_finetune import build_classifier
-from models_vit import features
-from util.args import add_bad_images_flag, check_output_dir
+import models_vit
+from models_vit import build_classifier, features
+from util.args import (check_output_dir, data_parser, make_parser, model_parser, pooling_parser, runtime_parser,
+                       weights_parser)
 from util.checkpoint import load_file, load_pretrained
 from util.data import build_dataset, eval_loader, eval_transform
 from util.distributed import DistInfo, cleanup, gather_in_order
 from util.errors import UserError, run_cli
 from util.knn import knn_classify
-from util.runtime import append_json_log, autocast, resolve_amp, start_process
+from util.logger import append_json_log
+from util.precision import autocast, resolve_amp
+from util.process import start_process
 
 log = logging.getLogger("hpm")
 FEATURE_FILES = ("train_features", "train_labels", "val_features", "val_labels")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("kNN evaluation", add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", type=str, default="vit_tiny_patch4", help="registered classifier name")
-    p.add_argument("--input_size", type=int, default=None, help="image size (default: the model's)")
-    p.add_argument("--finetune", type=str, default=None, help="pretrained weights (any supported format)")
-    p.add_argument("--teacher", action="store_true", help="take the EMA teacher's weights")
-    p.add_argument("--global_pool", action="store_true",
-                   help="average patch tokens (+ fc_norm) instead of the class token")
-    p.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="values of k")
-    p.add_argument("--temperature", type=float, default=0.07, help="voting weight exp(similarity / T)")
-    p.add_argument("--batch_size", type=int, default=128, help="images per process per batch")
-    p.add_argument("--data_path", type=str, default=None, help="DIR with train/ and val/; default: built-in digits")
-    p.add_argument("--num_workers", type=int, default=2)
-    add_bad_images_flag(p)
-    p.add_argument("--output_dir", type=str, default="./output_dir", help="where log_knn.txt is appended")
-    p.add_argument("--dump_features", type=str, default=None, help="save the extracted features to DIR")
-    p.add_argument("--load_features", type=str, default=None, help="reuse features saved with --dump_features")
-    p.add_argument("--amp", choices=["auto", "fp16", "bf16", "none"], default="auto")
-    p.add_argument("--device", type=str, default="auto")
-    p.add_argument("--dist_url", type=str, default="env://")
+    parents = [model_parser(models_vit.CLASSIFIERS.names(), "vit_tiny_patch4"), weights_parser(),
+               pooling_parser(global_pool=False), data_parser(), runtime_parser()]
+    p = make_parser("kNN evaluation", parents, add_help, batch_size=128, amp="none")
+    g = p.add_argument_group("kNN")
+    g.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="values of k")
+    g.add_argument("--temperature", type=float, default=0.07, help="voting weight exp(similarity / T)")
+    g.add_argument("--output_dir", type=str, default="./output_dir", help="where log_knn.txt is appended")
+    g.add_argument("--dump_features", type=str, default=None, help="save the extracted features to DIR")
+    g.add_argument("--load_features", type=str, default=None, help="reuse features saved with --dump_features")
     return p
 
 
 @torch.no_grad()
 def extract(model: torch.nn.Module, dataset, dist_info: DistInfo, args, device, amp_dtype) -> tuple:
     """Features and labels of the whole dataset, in dataset order, on every rank."""
-    loader = eval_loader(dataset, dist_info, args.batch_size, args.num_workers, device.type == "cuda")
+    loader = eval_loader(dataset, dist_info, args.batch_size, args.num_workers, args.pin_mem and device.type == "cuda")
     feats, labels = [], []
     for imgs, targets in loader:
         with autocast(device, amp_dtype):

@@ -3,8 +3,10 @@
 With `learning_loss=False` the loss predictor is not built and the network is plain MAE.
 State-dict keys follow the reference implementation, so its checkpoints load strictly.
 """
+import copy
+from contextlib import nullcontext
 from functools import partial
-from typing import NamedTuple
+from typing import Callable, ContextManager, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -12,10 +14,11 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from util.losses import absolute_loss_prediction, reconstruction_loss, relative_loss_prediction
-from util.masking import num_masked_patches
+from util.masking import hard_patch_mask, num_masked_patches, random_mask
 from util.patches import gather_patches, patchify, unpatchify
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.registry import ModelRegistry
+from util.schedules import hard_patch_alpha, teacher_decay
 
 PRETRAIN_MODELS = ModelRegistry("pretraining")
 
@@ -116,23 +119,32 @@ class MaskedAutoencoderHPM(nn.Module):
         """(N, L) bool -> (N, L) patch indices: visible ones ascending, then masked ones ascending."""
         return torch.argsort(mask.to(torch.int8), dim=1, stable=True)
 
-    def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, 3, H, W), visible ids (N, V) or None for all -> (N, 1 + V, D)"""
+    def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None,
+                        vis_mask: bool | None = None) -> torch.Tensor:
+        """(N, 3, H, W), visible ids (N, V) or None for all -> (N, 1 + V, D).
+
+        `vis_mask` (default: in training, with a mask) replaces a `vis_mask_ratio` share of the
+        visible tokens by `vis_mask_token` (UM-MAE); the teacher's full-image pass asks for it too.
+        """
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
         if ids_keep is not None:
             x = gather_patches(x, ids_keep)
-            if self.training and self.vis_mask_ratio > 0:
-                x = self._replace_visible(x, ids_keep)
+        if vis_mask is None:
+            vis_mask = self.training and ids_keep is not None
+        if vis_mask and self.vis_mask_ratio > 0:
+            x = self._replace_visible(x, ids_keep)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
-    def _replace_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    def _replace_visible(self, x: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
         """UM-MAE: a `vis_mask_ratio` share of the visible tokens becomes `vis_mask_token` + pos."""
         n, v, _ = x.shape
-        token = gather_patches((self.vis_mask_token + self.pos_embed[:, 1:]).expand(n, -1, -1), ids_keep)
+        token = (self.vis_mask_token + self.pos_embed[:, 1:]).expand(n, -1, -1)
+        if ids_keep is not None:
+            token = gather_patches(token, ids_keep)
         num_kept = int(v * (1 - self.vis_mask_ratio))
         replace = torch.argsort(torch.rand(n, v, device=x.device), dim=1).argsort(dim=1) >= num_kept
         return torch.where(replace.unsqueeze(-1), token, x)
@@ -175,10 +187,11 @@ class MaskedAutoencoderHPM(nn.Module):
 
     @torch.no_grad()
     def predict_losses(self, imgs: torch.Tensor) -> torch.Tensor:
-        """The teacher's view: all patches visible, loss predictor only. -> (N, L)"""
+        """The teacher's view: all patches visible (less the `vis_mask_ratio` share, as in the
+        reference), loss predictor only. -> (N, L)"""
         if not self.learning_loss:
             raise RuntimeError("this model has no loss predictor (built with learning_loss=False)")
-        latent = self.forward_encoder(imgs)
+        latent = self.forward_encoder(imgs, vis_mask=True)
         return self.forward_loss_predictor(self.decoder_input(latent, None, latent.shape[1] - 1), 1)
 
     def forward_loss(self, imgs: torch.Tensor, out: HPMOutput) -> HPMLosses:
@@ -190,6 +203,67 @@ class MaskedAutoencoderHPM(nn.Module):
         objective = relative_loss_prediction if self.relative else absolute_loss_prediction
         loss_pred = objective(out.loss_pred, per_patch)
         return HPMLosses(recon + loss_pred, recon, loss_pred, per_patch)
+
+
+class HPMTeacher:
+    """The EMA teacher: a frozen copy of the whole student that predicts which patches are hard.
+
+    It owns everything about the teacher: its creation from the student, the decay schedule and
+    the EMA update after each optimizer step, the full-image loss prediction, the hard-patch
+    mask of an epoch (easy to hard), compilation and its state in checkpoints (`teacher`).
+    """
+
+    def __init__(self, student: MaskedAutoencoderHPM, epochs: int, compile: bool = False) -> None:
+        if not student.learning_loss:
+            raise ValueError("the HPM teacher needs a student with a loss predictor (learning_loss=True)")
+        self.model = copy.deepcopy(student).eval().requires_grad_(False)
+        self.epochs = epochs
+        self.num_masked = student.num_masked
+        self._student_params = list(student.parameters())
+        self._params = list(self.model.parameters())
+        self._predict = torch.compile(self.model.predict_losses) if compile else self.model.predict_losses
+
+    def decay(self, epoch: int) -> float:
+        return teacher_decay(epoch)
+
+    def alpha(self, epoch: int) -> float:
+        """Share of the masked patches chosen as hard in `epoch`."""
+        return hard_patch_alpha(epoch, self.epochs)
+
+    def scalars(self, epoch: int) -> dict[str, float]:
+        return {"alpha": self.alpha(epoch), "teacher_decay": self.decay(epoch)}
+
+    @torch.no_grad()
+    def update(self, epoch: int) -> None:
+        """t = d * t + (1 - d) * s for every tensor, in one fused call."""
+        torch._foreach_lerp_(self._params, self._student_params, 1.0 - self.decay(epoch))
+
+    @torch.no_grad()
+    def predict_losses(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, L) predicted reconstruction loss of every patch, all patches visible."""
+        return self._predict(imgs)
+
+    def mask(self, imgs: torch.Tensor, epoch: int, generator: torch.Generator | None = None,
+             precision: Callable[[], ContextManager] | None = None,
+             timer: Callable[[str], ContextManager] | None = None) -> torch.Tensor:
+        """The epoch's HPM mask (N, L): the int(M * alpha) patches of highest predicted loss, the
+        rest uniform. While that number is 0 the mask is uniform and the teacher does not run."""
+        timer = timer or (lambda phase: nullcontext())
+        alpha = self.alpha(epoch)
+        n, num_patches = imgs.shape[0], self.model.patch_embed.num_patches
+        if int(self.num_masked * alpha) <= 0:
+            with timer("masking"):
+                return random_mask(n, num_patches, self.num_masked, device=imgs.device, generator=generator)
+        with timer("teacher"), (precision or nullcontext)():
+            pred_loss = self.predict_losses(imgs)
+        with timer("masking"):
+            return hard_patch_mask(pred_loss, self.num_masked, alpha, generator=generator)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
 
 
 def _decoder512d8b(**kwargs) -> dict:

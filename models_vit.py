@@ -8,8 +8,10 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
+from util.errors import UserError
 from util.registry import ModelRegistry
 
 CLASSIFIERS = ModelRegistry("classifier")
@@ -53,3 +55,43 @@ def vit_huge_patch14(**kwargs) -> VisionTransformer:
 
 def create_classifier(name: str, **kwargs) -> VisionTransformer:
     return CLASSIFIERS.create(name, **kwargs)
+
+
+def build_classifier(args, num_classes: int, **kwargs) -> VisionTransformer:
+    """The classifier named by --model (at --input_size, with --global_pool), or a one-line error."""
+    if args.input_size is not None:
+        kwargs["img_size"] = args.input_size
+    try:
+        return create_classifier(args.model, num_classes=num_classes, global_pool=args.global_pool, **kwargs)
+    except (ValueError, AssertionError) as exc:
+        raise UserError(str(exc) if "--model" in str(exc) else f"--model {args.model}: {exc}") from None
+
+
+class LinearProbe(nn.Module):
+    """A frozen ViT (always in eval mode, run without gradients) under a trainable head.
+
+    The head replaces the ViT's own (`vit.head = BatchNorm1d + Linear`), so the saved
+    `vit.state_dict()` has MAE's linear-probe keys (head.0.*, head.1.*).
+    """
+
+    def __init__(self, vit: VisionTransformer, num_classes: int) -> None:
+        super().__init__()
+        dim = vit.num_features
+        head = nn.Linear(dim, num_classes)
+        trunc_normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
+        vit.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), head)
+        vit.requires_grad_(False)
+        vit.head.requires_grad_(True)
+        self.vit = vit
+
+    def train(self, mode: bool = True) -> "LinearProbe":
+        self.training = mode
+        self.vit.eval()
+        self.vit.head.train(mode)
+        return self
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feats = features(self.vit, imgs)
+        return self.vit.head(feats)

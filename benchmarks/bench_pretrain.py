@@ -1,4 +1,4 @@
-"""Speed of the real pretraining step (engine_pretrain.train_step) on synthetic images.
+"""Speed of the real pretraining step (engine.train_step with engine_pretrain's task) on synthetic images.
 
 Prints and optionally writes as JSON: seconds per iteration (median/min/max), images/s, the time
 of each phase, FLOPs per iteration (torch's FLOP counter, given model-FLOP formulas for the fused
@@ -21,18 +21,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_pretrain import train_step  # noqa: E402
-from main_pretrain import build_model, get_args_parser, make_setup  # noqa: E402
-from util.runtime import resolve_amp, start_process  # noqa: E402
+from engine import Run, train_step  # noqa: E402
+from engine_pretrain import PretrainTask, build_student, make_optimizer, pretrain_parents  # noqa: E402
+from util.args import make_parser  # noqa: E402
+from util.distributed import DistInfo  # noqa: E402
+from util.precision import make_scaler, resolve_amp  # noqa: E402
+from util.process import start_process  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser("pretraining step benchmark", parents=[get_args_parser(add_help=False)],
-                                conflict_handler="resolve")
+    p = make_parser("pretraining step benchmark", pretrain_parents())
     g = p.add_argument_group("benchmark")
     g.add_argument("--iters", type=int, default=5, help="timed iterations")
     g.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
@@ -40,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--paired_mae", action="store_true",
                    help="also time an MAE step next to every HPM step and report the pairwise HPM/MAE time ratio")
-    p.set_defaults(model="mae_vit_base_patch16", batch_size=8, amp="none", lr=1e-4)
+    p.set_defaults(model="mae_vit_base_patch16", batch_size=8, amp="none", lr=1e-4, epochs=2, clip_grad=5.0)
     return p.parse_args()
 
 
@@ -117,18 +119,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     _, device = start_process(args.device)
     amp_dtype = resolve_amp(args.amp, device)
-    alpha, decay = 0.25, 0.999
 
     def make_step(learning_loss: bool):
+        """Epoch 0 of 2: the teacher masks a quarter of the masked patches as hard (alpha 0.25)."""
         torch.manual_seed(0)
         mode_args = argparse.Namespace(**{**vars(args), "learning_loss": learning_loss})
-        student = build_model(mode_args).to(device)
-        setup = make_setup(mode_args, student, device, amp_dtype, world_size=1)
-        student.train()
+        student = build_student(mode_args).to(device)
+        task = PretrainTask(student, mode_args, device, amp_dtype)
+        run = Run(task, None, make_optimizer(student, mode_args, device), make_scaler(device, amp_dtype), device,
+                  DistInfo(), Path("."), "", mode_args)
+        task.train()
 
         def step(imgs: torch.Tensor, timer=None):
             kwargs = {"timer": timer} if timer is not None else {}
-            return train_step(setup, imgs, alpha, decay, mode_args, last_micro_step=True, **kwargs)
+            return train_step(run, (imgs, None), 0, last_micro_step=True, **kwargs)
         return student, step
 
     student, step = make_step(args.learning_loss)

@@ -11,13 +11,24 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-REFERENCE_VECTORS = REPO.parent / "shared" / "reference-vectors" / "hpm_reference_vectors.pt"
+REFERENCE_VECTORS = REPO / "tests" / "data" / "hpm_reference_vectors.pt"
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--full", action="store_true", help="also run the slow end-to-end tests (the full tier)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="full tier: run with --full")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
 def reference() -> dict:
-    if not REFERENCE_VECTORS.is_file():
-        pytest.skip(f"reference vectors not found at {REFERENCE_VECTORS}")
     return torch.load(REFERENCE_VECTORS, weights_only=True)
 
 

@@ -11,5 +11,6 @@ import main_pretrain  # noqa: E402
 if __name__ == "__main__":
     dump_dir, argv = Path(sys.argv[1]), sys.argv[2:]
     rank = int(__import__("os").environ["RANK"])
-    student, teacher = main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
-    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict()}, dump_dir / f"rank{rank}.pth")
+    task = main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+    torch.save({"student": task.student.state_dict(), "teacher": task.teacher.state_dict()},
+               dump_dir / f"rank{rank}.pth")

@@ -18,6 +18,7 @@ def _bench(tmp_path, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_pretrain_benchmark_reports_every_key_for_hpm_and_mae(tmp_path):
     hpm = _bench(tmp_path)
     mae = _bench(tmp_path, "--no-learning_loss")
@@ -33,6 +34,7 @@ def test_pretrain_benchmark_reports_every_key_for_hpm_and_mae(tmp_path):
     assert 1.5 < hpm["flops_per_iter"] / mae["flops_per_iter"] < 3.5
 
 
+@pytest.mark.slow
 def test_pretrain_benchmark_pairs_hpm_with_mae(tmp_path):
     result = _bench(tmp_path, "--paired_mae")
     paired = result["paired_mae"]

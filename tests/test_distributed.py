@@ -23,6 +23,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
 def test_torchrun_pretraining_keeps_ranks_identical(tmp_path):
     out = tmp_path / "out"
@@ -41,6 +42,7 @@ def test_torchrun_pretraining_keeps_ranks_identical(tmp_path):
     assert res.stdout.count("epoch 0 done") == 1       # only rank 0 logs
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
 def test_knn_two_processes_equal_one(tmp_path, pretrained_checkpoint):
     common = ["--finetune", str(pretrained_checkpoint), "--num_workers", "0", "--batch_size", "50",
@@ -54,22 +56,26 @@ def test_knn_two_processes_equal_one(tmp_path, pretrained_checkpoint):
     assert one == two
 
 
-def test_submitit_local_job_requeues_on_timeout_and_finishes(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_submitit_local_job_requeues_on_preemption_and_finishes(tmp_path, monkeypatch):
+    """Rank 0 receives submitit's preemption signal (SIGUSR2) at a named step of epoch 1 (fault
+    injection: no dependence on start-up time); the job saves, requeues itself and finishes."""
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HPM_FAULT", f"point=step,at=30,action=SIGUSR2,rank=0,once={tmp_path / 'fired'}")
     out = tmp_path / "out"
     parser = launcher_parser(main_pretrain.get_args_parser(add_help=False), "test")
     args = parser.parse_args([
-        "--cluster", "local", "--ngpus", "0", "--ntasks_per_node", "2", "--timeout", "0.5",
-        "--signal_delay_s", "15", "--job_dir", str(tmp_path / "jobs" / "%j"), "--output_dir", str(out),
-        "--epochs", "6", "--batch_size", "32", "--num_workers", "0", "--print_freq", "2"])
+        "--cluster", "local", "--ngpus", "0", "--ntasks_per_node", "2", "--timeout", "60",
+        "--job_dir", str(tmp_path / "jobs" / "%j"), "--output_dir", str(out),
+        "--epochs", "3", "--batch_size", "32", "--num_workers", "0", "--print_freq", "2"])
     job = submit("main_pretrain", args)
     job.wait()
     log = job.paths.stdout.read_text()
     epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
-    assert epochs == list(range(6)), epochs
-    assert load_file(out / "checkpoint-last.pth")["next_epoch"] == 6
-    assert "saved epoch" in log and "resumed from" in log, log[-2000:]
+    assert epochs == list(range(3)), epochs
+    assert load_file(out / "checkpoint-last.pth")["next_epoch"] == 3
+    assert "SIGUSR2: saved epoch 1 at step" in log and "resumed from" in log and "at epoch 1, step" in log, log[-2000:]
 
 
 def _launcher_args(*argv):

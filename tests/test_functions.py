@@ -90,11 +90,28 @@ def test_regular_mask_one_visible_per_cell():
     assert torch.all((~cells).sum(-1) == 1)
 
 
-def test_block_mask_is_contiguous():
-    mask = block_mask(16, 16, 192, generator=_gen()).view(16, 16, 16).float()
-    # neighbours agree far more often than for a random mask of the same ratio (0.625)
-    agree = (mask[:, :, 1:] == mask[:, :, :-1]).float().mean()
-    assert agree > 0.8
+@pytest.mark.parametrize("grid, ratio, side", [(14, 0.75, 7), (8, 0.75, 4), (6, 0.75, 3)])
+def test_block_mask_is_one_visible_square_in_the_top_left_quadrant(grid, ratio, side):
+    n = 3000
+    mask = block_mask(n, grid, num_masked_patches(grid * grid, ratio), generator=_gen()).view(n, grid, grid)
+    visible = ~mask
+    rows, cols = visible.any(2), visible.any(1)                          # (n, g) rows / columns with a visible patch
+    tops, lefts = rows.float().argmax(1), cols.float().argmax(1)
+    for k in range(n):                                                   # every patch of every mask
+        expect = torch.zeros(grid, grid, dtype=torch.bool)
+        expect[tops[k]:tops[k] + side, lefts[k]:lefts[k] + side] = True
+        assert torch.equal(visible[k], expect)
+    corners = grid // 2
+    assert int(tops.max()) == int(lefts.max()) == corners - 1 and int(tops.min()) == int(lefts.min()) == 0
+    counts = torch.bincount(tops * corners + lefts, minlength=corners * corners).float()
+    expect = n / corners ** 2
+    chi2 = ((counts - expect) ** 2 / expect).sum().item()
+    assert chi2 < {49: 84.0, 16: 37.7, 9: 26.1}[corners ** 2]              # 99.9 % quantiles, k - 1 dof
+
+
+def test_block_mask_needs_a_square_number_of_visible_patches():
+    with pytest.raises(ValueError, match="--mask_ratio"):
+        block_mask(2, 14, num_masked_patches(196, 0.6))
 
 
 def test_hard_patch_mask_contains_top_k_and_rest_is_uniform():
@@ -172,7 +189,7 @@ def test_schedules():
 
 
 def test_optimizer_step_counts_steps_the_fp16_scaler_skips():
-    from util.runtime import optimizer_step
+    from util.optim import optimizer_step
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0 ** 4)
@@ -187,7 +204,7 @@ def test_optimizer_step_counts_steps_the_fp16_scaler_skips():
 @pytest.mark.parametrize("scale, one_nan", [(1e-3, False), (10.0, False), (1e-3, True)])
 def test_clip_grad_norm_matches_torch(scale, one_nan):
     """Below the limit the gradients are untouched; above it, or NaN, they change as torch's do."""
-    from util.runtime import clip_grad_norm
+    from util.optim import clip_grad_norm
     torch.manual_seed(0)
     shapes = [(64, 32), (32,), (3, 5, 7), (1,)]
     ours = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
@@ -211,7 +228,7 @@ def test_clip_grad_norm_matches_torch(scale, one_nan):
 
 FAULTS_OF_A_REALLOCATION = """
 import resource, sys, torch
-from util.runtime import retain_freed_memory
+from util.process import retain_freed_memory
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 def allocate_and_free():
@@ -233,3 +250,93 @@ def test_retained_memory_is_reused_without_page_faults():
     pages = 64 * (4 << 20) // resource.getpagesize()
     assert faults("default") > 0.75 * pages       # glibc hands the freed blocks back to the kernel
     assert faults("retain") < 0.25 * pages
+
+
+def _mae_lr_scale(name: str, depth: int, decay: float) -> float:
+    """MAE's rule written out: embeddings decay ** (depth + 1), block i decay ** (depth - i), the rest 1."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+        return decay ** (depth + 1)
+    if name.startswith("blocks."):
+        return decay ** (depth - int(name.split(".")[1]))
+    return 1.0
+
+
+@pytest.mark.parametrize("model_name, depth", [("vit_base_patch16", 12), ("vit_large_patch16", 24)])
+@pytest.mark.parametrize("global_pool", [True, False])
+def test_layer_decay_scales_every_parameter_as_mae(model_name, depth, global_pool):
+    from models_vit import create_classifier
+    from util.optim import param_groups_lrd
+    with torch.device("meta"):
+        model = create_classifier(model_name, num_classes=1000, global_pool=global_pool)
+    groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.75)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(by_param) == len(names)
+    for name, param in names.items():
+        group = by_param[id(param)]
+        assert group["lr_scale"] == pytest.approx(_mae_lr_scale(name, depth, 0.75)), name
+        no_decay = param.ndim == 1 or name in ("pos_embed", "cls_token")
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+    final_norm = "fc_norm.weight" if global_pool else "norm.weight"
+    assert by_param[id(names[final_norm])]["lr_scale"] == 1.0
+    assert by_param[id(names["head.weight"])]["lr_scale"] == 1.0
+
+
+def test_eval_crop_ratio_follows_the_reference():
+    from util.data import eval_transform
+    assert eval_transform(224).transforms[0].size == 256
+    assert eval_transform(32).transforms[0].size == 36
+    assert eval_transform(384).transforms[0].size == 384      # crop ratio 1.0 above 224 px
+    assert eval_transform(448).transforms[1].size == (448, 448)
+
+
+def test_probe_crop_is_one_clamped_draw():
+    """Every box lies inside the image and equals the single draw of area and log-ratio."""
+    from PIL import Image
+    from util.data import SingleDrawResizedCrop
+    img = Image.new("RGB", (40, 30))
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    for seed in range(300):
+        torch.manual_seed(seed)
+        top, left, h, w = SingleDrawResizedCrop.get_params(img, scale, ratio)
+        assert 0 <= top and top + h <= 30 and 0 <= left and left + w <= 40 and h >= 1 and w >= 1
+        torch.manual_seed(seed)
+        area = 1200 * torch.empty(1).uniform_(*scale).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item())
+        assert (h, w) == (min(round(math.sqrt(area / aspect)), 30), min(round(math.sqrt(area * aspect)), 40))
+
+
+def test_default_randaugment_runs_on_the_installed_pillow_including_zero_bit_posterize():
+    """timm's rand-m9-mstd0.5-inc1 can ask for 0-bit posterize, which Pillow 13 rejects."""
+    import argparse
+
+    import PIL
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+    from util.data import finetune_transform, posterize_any_bits
+    img = Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy())
+    assert posterize_any_bits(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert posterize_any_bits(img, 8) is img
+    args = argparse.Namespace(color_jitter=None, aa="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel", recount=1)
+    transform = finetune_transform(32, args)
+    ops = [op for t in transform.transforms if isinstance(t, RandAugment) for op in t.ops]
+    posterize = [op for op in ops if op.name.startswith("Posterize")]
+    assert posterize and all(op.aug_fn is posterize_any_bits for op in posterize)
+    for op in posterize:          # the strongest magnitude: 0 bits with the increasing variant
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+        assert op(img).size == img.size
+    torch.manual_seed(0)
+    for _ in range(50):
+        assert transform(img).shape == (3, 32, 32)
+    print(f"RandAugment ran on Pillow {PIL.__version__}")
+
+
+@pytest.mark.parametrize("bf16_supported, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_amp_auto_picks_bf16_or_else_fp16_on_gpus_and_fp32_on_cpu(monkeypatch, bf16_supported, expected):
+    from util.precision import make_scaler, resolve_amp
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    assert resolve_amp("auto", torch.device("cuda")) == expected
+    assert resolve_amp("none", torch.device("cuda")) is None
+    assert resolve_amp("auto", torch.device("cpu")) is None and resolve_amp("fp16", torch.device("cpu")) is None
+    assert make_scaler(torch.device("cpu"), torch.float16).is_enabled()
+    assert not make_scaler(torch.device("cpu"), torch.bfloat16).is_enabled()

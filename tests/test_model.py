@@ -129,6 +129,25 @@ def test_teacher_path_equals_loss_predictor_branch_with_nothing_masked():
     torch.testing.assert_close(teacher, branch, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_vis_mask_ratio_also_applies_in_the_teachers_full_image_pass(training):
+    """As in the reference: the teacher (eval mode, nothing masked) replaces int(L * ratio) of its
+    tokens too; a student forward replaces them only in training."""
+    model = _tiny(vis_mask_ratio=0.25).train(training)
+    with torch.no_grad():
+        model.vis_mask_token.fill_(1e3)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0][:, 1:]))
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.predict_losses(imgs)
+        model(imgs, random_mask(2, 64, model.num_masked))
+    teacher_tokens, student_tokens = seen
+    replaced = (teacher_tokens > 500).all(-1).sum(1)
+    assert torch.equal(replaced, torch.full((2,), 64 - int(64 * 0.75)))
+    assert torch.equal((student_tokens > 500).all(-1).sum(1), torch.full((2,), 16 - int(16 * 0.75) if training else 0))
+
+
 @pytest.mark.parametrize("hpm", [True, False])
 def test_forward_backward_tiny(hpm):
     model = _tiny(learning_loss=hpm, vis_mask_ratio=0.25 if hpm else 0.0)

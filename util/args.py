@@ -1,42 +1,103 @@
-"""Argument groups shared by every script (each script adds its own on top via `parents=`)."""
+"""Argument parsers shared by every script: each script builds its parser from these parents and
+adds its own group on top, so a flag is declared once for the whole project."""
 import argparse
 import tempfile
 from pathlib import Path
 
 from util.errors import UserError
+from util.precision import AMP_CHOICES
 
 
-def add_bad_images_flag(group) -> None:
-    group.add_argument("--bad_images", choices=["stop", "skip"], default="stop",
-                       help="an unreadable image stops the run (naming the file), or is skipped with a warning")
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default once, and none for flags whose help already says it or that have none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.default is False:
+            return text
+        return super()._get_help_string(action)
 
 
-def common_parser() -> argparse.ArgumentParser:
+def make_parser(description: str, parents: list[argparse.ArgumentParser], add_help: bool = True,
+                **defaults) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description, add_help=add_help, parents=parents, formatter_class=HelpFormatter)
+    p.set_defaults(**defaults)
+    return p
+
+
+def model_parser(model_names: list[str], default: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=str, default=default,
+                   help=f"registered model name (default: {default}); one of {', '.join(model_names)}")
+    g.add_argument("--input_size", type=int, default=None, help="image size (default: the model's)")
+    return p
+
+
+def data_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", type=str, default=None,
+                   help="DIR with train/ and val/ ImageFolders or train.txt/val.txt lists "
+                        "(default: the built-in scikit-learn digits)")
+    g.add_argument("--bad_images", choices=["stop", "skip"], default="stop",
+                   help="an unreadable image stops the run (naming the file), or is skipped with a warning")
+    g.add_argument("--batch_size", type=int, default=64, help="images per process per step")
+    g.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes per process")
+    g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin loader memory for faster host-to-GPU copies (GPU only)")
+    return p
+
+
+def runtime_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                   help="mixed precision: auto = bf16 on GPUs that support it, else fp16 with a gradient "
+                        "scaler; fp32 on CPU")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random number generator")
+    g.add_argument("--dist_url", type=str, default="env://", help="process-group init method (torchrun sets env://)")
+    return p
+
+
+def weights_parser() -> argparse.ArgumentParser:
+    """Where a classifier's (or kNN encoder's) pretrained weights come from."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("pretrained weights")
+    g.add_argument("--finetune", type=str, default=None,
+                   help="pretrained weights: our pretraining checkpoints, reference HPM, MAE or timm files")
+    g.add_argument("--teacher", action="store_true", help="take the EMA teacher's weights instead of the student's")
+    return p
+
+
+def pooling_parser(global_pool: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("pooling")
+    g.add_argument("--global_pool", action="store_true", default=global_pool,
+                   help="average the patch tokens, then fc_norm" + (" (default)" if global_pool else ""))
+    g.add_argument("--cls_token", action="store_false", dest="global_pool",
+                   help="the class token after the pretrained norm" + ("" if global_pool else " (default)"))
+    return p
+
+
+def training_parser() -> argparse.ArgumentParser:
+    """Optimisation, schedule, outputs and resuming: what every training script has."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("training")
-    g.add_argument("--batch_size", type=int, default=64, help="images per process per step")
-    g.add_argument("--epochs", type=int, default=40)
+    g.add_argument("--epochs", type=int, default=40, help="training epochs")
     g.add_argument("--accum_iter", type=int, default=1,
                    help="gradient accumulation steps (effective batch = batch_size x accum_iter x processes)")
-    g.add_argument("--model", type=str, help="registered model name")
-    g.add_argument("--input_size", type=int, default=None, help="image size (default: the model's)")
-    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW / SGD / LARS weight decay")
     g.add_argument("--lr", type=float, default=None,
                    help="absolute learning rate (default: blr x effective batch / 256)")
     g.add_argument("--blr", type=float, default=1e-3, help="base learning rate for an effective batch of 256")
     g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule")
-    g.add_argument("--warmup_epochs", type=float, default=5)
-    g.add_argument("--clip_grad", type=float, default=None, help="clip gradients to this total norm")
-    g.add_argument("--amp", choices=["auto", "fp16", "bf16", "none"], default="auto",
-                   help="mixed precision; auto = bf16 on GPUs that support it, none on CPU")
-    g = p.add_argument_group("data")
-    g.add_argument("--data_path", type=str, default=None,
-                   help="DIR with train/ and val/ ImageFolders or train.txt/val.txt lists; "
-                        "default: the built-in scikit-learn digits")
-    add_bad_images_flag(g)
-    g.add_argument("--num_workers", type=int, default=2)
-    g.add_argument("--pin_mem", action="store_true", default=True, help="pin loader memory (GPU only)")
-    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    g.add_argument("--warmup_epochs", type=float, default=5, help="linear learning-rate warm-up, in epochs")
+    g.add_argument("--clip_grad", type=float, default=None, help="clip gradients to this total norm (unset: no clipping)")
+    g.add_argument("--max_skipped_steps", type=int, default=100,
+                   help="fp16: stop with an error after this many optimizer steps in a row that the gradient "
+                        "scaler skipped for non-finite gradients")
     g = p.add_argument_group("output and resuming")
     g.add_argument("--output_dir", type=str, default="./output_dir", help="checkpoints and log.txt")
     g.add_argument("--log_dir", type=str, default=None, help="tensorboard events (default: output_dir)")
@@ -46,17 +107,12 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
                    help="resume from output_dir/checkpoint-last.pth when it exists")
     g.add_argument("--start_epoch", type=int, default=0, help="first epoch when not resuming")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--world_size", type=int, default=1, help="set by the launcher (torchrun/submitit)")
-    g.add_argument("--dist_url", type=str, default="env://")
     return p
 
 
 def check_common(args: argparse.Namespace) -> None:
     """Flag checks that need no data or model; each failure is one line naming the flag."""
-    for flag in ("batch_size", "epochs", "accum_iter", "save_every", "print_freq"):
+    for flag in ("batch_size", "epochs", "accum_iter", "save_every", "print_freq", "max_skipped_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)} must be at least 1")
     if args.num_workers < 0:
@@ -75,10 +131,3 @@ def check_output_dir(path: str, flag: str = "--output_dir") -> Path:
         raise UserError(f"{flag} {out}: cannot write there ({exc.strerror or exc}); choose a writable "
                         f"directory") from None
     return out
-
-
-def effective_lr(args: argparse.Namespace, world_size: int) -> float:
-    eff_batch = args.batch_size * args.accum_iter * world_size
-    return args.lr if args.lr is not None else args.blr * eff_batch / 256
-
-

@@ -3,12 +3,14 @@ import argparse
 import os
 import pickle
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from util.errors import UserError
+from util.faults import fault_point
 
 CHECKPOINT_VERSION = 1
 _UMASK = os.umask(0)
@@ -24,10 +26,12 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            fault_point("write")
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
+        fault_point("save")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -197,6 +201,9 @@ def resume_training(path: Path, fmt: str, model_name: str, states: dict[str, Any
                         f"{model_name}: pass --model {ckpt.get('model_name')} or use another output_dir")
     for key, target in states.items():
         if target is None:
+            if ckpt.get(key) is not None:
+                raise UserError(f"--resume {path}: the checkpoint holds a '{key}' state that this run would drop; "
+                                f"match the flags of the run that wrote it")
             continue
         if ckpt.get(key) is None:
             raise UserError(f"--resume {path}: the checkpoint has no '{key}' state, but this run needs one; "
@@ -224,3 +231,29 @@ def find_resume(resume: str | None, auto_resume: bool, output_dir: Path) -> Path
         return Path(resume)
     last = Path(output_dir) / "checkpoint-last.pth"
     return last if auto_resume and last.is_file() else None
+
+
+@dataclass
+class ResumePoint:
+    """Where a run continues: the epoch, the step inside it, and the RNG states saved at that step
+    (one entry per rank)."""
+    epoch: int = 0
+    step: int = 0
+    rng: list | None = None
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch}" + (f", step {self.step}" if self.step else "")
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "ResumePoint":
+        rng = ckpt.get("rng")
+        return cls(int(ckpt["next_epoch"]), int(ckpt.get("next_step", 0)), [rng] if isinstance(rng, dict) else rng)
+
+    def rng_of(self, epoch: int, rank: int) -> dict | None:
+        """The saved RNG state of `rank` when resuming inside `epoch`, else None."""
+        if epoch != self.epoch or not self.step or not self.rng or rank >= len(self.rng):
+            return None
+        return self.rng[rank]
+
+    def first_step(self, epoch: int) -> int:
+        return self.step if epoch == self.epoch else 0

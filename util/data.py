@@ -6,19 +6,19 @@ epoch boundary sees exactly the crops and flips of an uninterrupted one, whateve
 import copy
 import itertools
 import logging
-import random
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets, transforms
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from util.distributed import DistInfo
 from util.errors import UserError
+from util.rng import sample_seed, seed_all
 
 log = logging.getLogger("hpm")
 
@@ -173,8 +173,11 @@ def pretrain_transform(input_size: int) -> Callable:
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
 
-def eval_transform(input_size: int, crop_pct: float = 224 / 256) -> Callable:
-    """Resize the short side to input_size / crop_pct (bicubic), centre-crop input_size."""
+def eval_transform(input_size: int, crop_pct: float | None = None) -> Callable:
+    """Resize the short side to input_size / crop_pct (bicubic), centre-crop input_size. The
+    default crop ratio is the reference's: 224 / 256 up to 224 px, 1.0 above."""
+    if crop_pct is None:
+        crop_pct = 224 / 256 if input_size <= 224 else 1.0
     return transforms.Compose([
         transforms.Resize(int(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
@@ -211,10 +214,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
-        torch.manual_seed(sample_seed)
-        random.seed(sample_seed)
-        np.random.seed(sample_seed % 2**32)
+        seed_all(sample_seed(self.seed, epoch, index))
         return self.dataset[index]
 
 
@@ -232,13 +232,30 @@ def train_loader(dataset: Dataset, dist_info: DistInfo, batch_size: int, num_wor
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
+def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """Posterize that accepts 0 bits on every Pillow: the black image older Pillows returned
+    (Pillow 13 rejects 0, which timm's `rand-m9-mstd0.5-inc1` RandAugment can ask for)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
 def finetune_transform(input_size: int, args) -> Callable:
     """DeiT/MAE training augmentation: RandomResizedCrop, flip, RandAugment, random erasing."""
     from timm.data import create_transform
-    return create_transform(input_size=input_size, is_training=True, color_jitter=args.color_jitter,
-                            auto_augment=args.aa, interpolation="bicubic", re_prob=args.reprob,
-                            re_mode=args.remode, re_count=args.recount, mean=IMAGENET_DEFAULT_MEAN,
-                            std=IMAGENET_DEFAULT_STD)
+    from timm.data.auto_augment import RandAugment
+    transform = create_transform(input_size=input_size, is_training=True, color_jitter=args.color_jitter,
+                                 auto_augment=args.aa, interpolation="bicubic", re_prob=args.reprob,
+                                 re_mode=args.remode, re_count=args.recount, mean=IMAGENET_DEFAULT_MEAN,
+                                 std=IMAGENET_DEFAULT_STD)
+    for step in transform.transforms:
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = posterize_any_bits
+    return transform
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -259,3 +276,30 @@ def eval_loader(dataset: Dataset, dist_info: DistInfo, batch_size: int, num_work
     """Dataset order, no shuffling, nothing dropped or repeated."""
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), dist_info),
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=False)
+
+
+class SingleDrawResizedCrop(transforms.RandomResizedCrop):
+    """MAE's RandomResizedCrop for linear probing: one draw of area and log-ratio, the box clamped
+    to the image, instead of torchvision's up-to-ten tries with a centre-crop fallback."""
+
+    @staticmethod
+    def get_params(img, scale, ratio) -> tuple[int, int, int, int]:
+        width, height = transforms.functional.get_image_size(img)
+        area = height * width
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        log_ratio = torch.log(torch.tensor(ratio))
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = min(int(round((target_area * aspect) ** 0.5)), width)
+        h = min(int(round((target_area / aspect) ** 0.5)), height)
+        top = torch.randint(0, height - h + 1, size=(1,)).item()
+        left = torch.randint(0, width - w + 1, size=(1,)).item()
+        return top, left, h, w
+
+
+def probe_transform(input_size: int, args=None) -> Callable:
+    """Linear probing's training augmentation (MAE's): single-draw RandomResizedCrop (bicubic), flip."""
+    return transforms.Compose([
+        SingleDrawResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])

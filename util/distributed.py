@@ -62,6 +62,15 @@ def reduce_stats(stats: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(keys, values.tolist()))
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (a one-element list in a single process)."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

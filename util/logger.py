@@ -1,9 +1,11 @@
 """Console logging for rank 0 and a metric logger that reads device values only when it prints."""
 import datetime
+import json
 import logging
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -55,3 +57,9 @@ class MetricLogger:
                 log.info(f"{header} [{i + 1}/{total}]  eta {datetime.timedelta(seconds=int(eta))}  "
                          f"{self.describe()}  {elapsed / (i + 1):.3f} s/it")
         log.info(f"{header} done in {datetime.timedelta(seconds=int(time.time() - start))}")
+
+
+def append_json_log(path: Path, record: dict) -> None:
+    """One JSON object per line (log.txt), appended."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

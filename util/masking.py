@@ -49,16 +49,24 @@ def regular_mask(batch_size: int, grid_size: int, *, device: torch.device | str 
     return cell_mask.reshape(batch_size, grid_size * grid_size)
 
 
-def block_mask(batch_size: int, grid_size: int, num_masked: int, *, block_size: int | None = None,
-               device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Masks contiguous blocks: a random field that is constant on `block_size` squares
-    (default grid // 4) is masked where it is highest; a small jitter breaks ties at the border."""
-    block = block_size or max(1, grid_size // 4)
-    cells = math.ceil(grid_size / block)
-    coarse = torch.rand(batch_size, cells, cells, device=device, generator=generator)
-    field = coarse.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :grid_size, :grid_size]
-    jitter = torch.rand(batch_size, grid_size, grid_size, device=device, generator=generator) * 1e-3
-    return _mask_lowest(-(field + jitter).reshape(batch_size, -1), num_masked)
+def block_mask(batch_size: int, grid_size: int, num_masked: int, *, device: torch.device | str = "cpu",
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """The reference's block mask: one visible square of side sqrt(L - M) (7 x 7 for ViT-B at
+    0.75), everything else masked. Its top-left corner is uniform over the top-left quadrant
+    (0 <= row, col < grid // 2), limited so that the square stays inside the grid."""
+    num_visible = grid_size * grid_size - num_masked
+    side = math.isqrt(num_visible)
+    if side * side != num_visible:
+        raise ValueError(f"block masking keeps one visible square, but {num_visible} visible patches of a "
+                         f"{grid_size}x{grid_size} grid are not a square number: choose --mask_ratio so that "
+                         f"L - M is one (0.75 with a grid of even side)")
+    corners = min(grid_size // 2, grid_size - side + 1)
+    top, left = torch.randint(0, corners, (2, batch_size, 1), device=device, generator=generator)
+    pos = torch.arange(grid_size, device=device)
+    inside_rows = (pos >= top) & (pos < top + side)                      # (N, g)
+    inside_cols = (pos >= left) & (pos < left + side)
+    visible = inside_rows.unsqueeze(2) & inside_cols.unsqueeze(1)       # (N, g, g)
+    return ~visible.reshape(batch_size, grid_size * grid_size)
 
 
 def hard_patch_mask(pred_loss: torch.Tensor, num_masked: int, alpha: float, *,
@@ -75,3 +83,39 @@ def hard_patch_mask(pred_loss: torch.Tensor, num_masked: int, alpha: float, *,
         hard = torch.topk(pred_loss.float(), num_hard, dim=1).indices
         noise.scatter_(1, hard, -1.0)                                    # below every uniform draw
     return _mask_lowest(noise, num_masked)
+
+
+class RandomMasking:
+    """MAE's mask policy: uniformly random, `num_masked` of `grid_size`^2 patches."""
+
+    def __init__(self, grid_size: int, num_masked: int) -> None:
+        self.grid_size, self.num_masked = grid_size, num_masked
+
+    def __call__(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+        return random_mask(batch_size, self.grid_size ** 2, self.num_masked, device=device, generator=generator)
+
+
+class RegularMasking(RandomMasking):
+    """UM-MAE's policy: one visible patch per 2x2 cell."""
+
+    def __call__(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+        return regular_mask(batch_size, self.grid_size, device=device, generator=generator)
+
+
+class BlockMasking(RandomMasking):
+    """One visible square, everything else masked (the reference's block mask)."""
+
+    def __init__(self, grid_size: int, num_masked: int) -> None:
+        super().__init__(grid_size, num_masked)
+        block_mask(1, grid_size, num_masked)   # raises now if L - M is not a square number
+
+    def __call__(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+        return block_mask(batch_size, self.grid_size, self.num_masked, device=device, generator=generator)
+
+
+MASK_POLICIES = {"random": RandomMasking, "regular": RegularMasking, "block": BlockMasking}
+
+
+def mask_policy(kind: str, grid_size: int, num_masked: int) -> RandomMasking:
+    """The MAE baseline's mask policy by name: random, regular or block."""
+    return MASK_POLICIES[kind](grid_size, num_masked)

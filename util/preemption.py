@@ -5,13 +5,10 @@ submitit, its timeout/preemption signal is caught the same way and, once the che
 written, handed back to submitit, which requeues the job.
 """
 import logging
-import random
 import signal
 import sys
-from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 from util.distributed import is_distributed
@@ -59,50 +56,3 @@ class StopRequest:
 
 
 STOP = StopRequest()
-
-
-def rng_state(mask_generator: torch.Generator | None = None) -> dict:
-    """Every RNG state of this process, as tensors and plain values (loadable with weights_only)."""
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if mask_generator is not None:
-        state["mask_generator"] = mask_generator.get_state()
-    return state
-
-
-def set_rng_state(state: dict, mask_generator: torch.Generator | None = None) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if mask_generator is not None and "mask_generator" in state:
-        mask_generator.set_state(state["mask_generator"])
-
-
-@dataclass
-class ResumePoint:
-    """Where a run continues: the epoch, the step inside it, and the RNG states saved at that step."""
-    epoch: int = 0
-    step: int = 0
-    rng: dict | None = None
-
-    def __str__(self) -> str:
-        return f"epoch {self.epoch}" + (f", step {self.step}" if self.step else "")
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict) -> "ResumePoint":
-        return cls(int(ckpt["next_epoch"]), int(ckpt.get("next_step", 0)), ckpt.get("rng"))
-
-    def first_step(self, epoch: int, is_main: bool, mask_generator: torch.Generator | None = None) -> int:
-        """The step to start `epoch` at; restores the saved RNG states when resuming inside it."""
-        if epoch != self.epoch or not self.step:
-            return 0
-        if is_main and self.rng is not None:
-            set_rng_state(self.rng, mask_generator)
-        return self.step

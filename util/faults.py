@@ -1,0 +1,47 @@
+"""Fault injection at named points, for tests that must kill or stop a process at an exact moment
+instead of after a sleep.
+
+`HPM_FAULT="point=NAME,at=N,action=ACTION[,rank=R]"` makes the process act the N-th time (default
+1) it reaches point NAME (on rank R only, if given). Actions: a signal name (SIGKILL, SIGTERM,
+SIGUSR1, SIGUSR2, ...) sent to the process itself, `oserror` (raise ENOSPC) or `hang` (sleep for an
+hour). With `once=PATH` the fault fires only if PATH does not exist yet, and creates it (so a
+resumed or requeued process with the same environment runs on). Points: `step` (after each training micro-step), `save` (a checkpoint's temporary file is
+written, before it is renamed), `write` (just before a checkpoint's bytes are written).
+Without the variable every point is a no-op.
+"""
+import errno
+import os
+import signal
+import time
+from collections import Counter
+
+_reached: Counter = Counter()
+
+
+def _spec() -> dict[str, str] | None:
+    text = os.environ.get("HPM_FAULT")
+    if not text:
+        return None
+    return dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+
+
+def fault_point(name: str) -> None:
+    spec = _spec()
+    if spec is None or spec.get("point") != name:
+        return
+    if "rank" in spec and os.environ.get("RANK", "0") != spec["rank"]:
+        return
+    _reached[name] += 1
+    if _reached[name] != int(spec.get("at", 1)):
+        return
+    if "once" in spec:
+        if os.path.exists(spec["once"]):
+            return
+        open(spec["once"], "w").close()
+    action = spec.get("action", "SIGKILL")
+    if action == "oserror":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if action == "hang":
+        time.sleep(3600)
+        return
+    os.kill(os.getpid(), getattr(signal, action))

@@ -1,0 +1,33 @@
+"""What every script does first: pick the device, join the process group, set up logging, and on
+CPU keep freed memory for reuse."""
+import ctypes
+import ctypes.util
+
+import torch
+
+from util.distributed import DistInfo, init_distributed, resolve_device
+from util.logger import setup_logging
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed blocks up to 32 MiB in the process instead of returning them to the kernel.
+
+    Every CPU training step frees and reallocates the same activations and gradients; glibc's
+    defaults unmap or trim them, and faulting ~100k pages back in cost 0.3-0.8 s of kernel time
+    per ViT-B step on 2 cores (BENCHMARKS.md). Returns False where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def start_process(device_name: str, dist_url: str = "env://") -> tuple[DistInfo, torch.device]:
+    info, device = init_distributed(resolve_device(device_name), dist_url)
+    setup_logging(info.is_main)
+    if device.type == "cpu":
+        retain_freed_memory()
+    return info, device
