@@ -86,9 +86,11 @@ class Run:
         return start, float(ckpt.get("best_score", ckpt.get("best_acc1", 0.0)))
 
     def save(self, paths: list[Path], next_epoch: int, best: float, next_step: int = 0, rng=None) -> None:
+        stats = {"mean": self.args.mean, "std": self.args.std} if getattr(self.args, "mean", None) else None
         save_training_checkpoint(paths, self.fmt, self.args.model, next_epoch, self.args,
                                  {**self.task.states(), "optimizer": self.optimizer, "scaler": self.scaler,
-                                  "best_score": best, "next_step": next_step, "rng": rng})
+                                  "best_score": best, "next_step": next_step, "rng": rng,
+                                  "normalization": stats})
 
 
 def train_step(run: Run, batch, epoch: int, last_micro_step: bool, timer: Timer = no_timer) -> dict[str, torch.Tensor]:

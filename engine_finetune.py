@@ -16,6 +16,7 @@ from util.checkpoint import find_resume
 from util.data import build_dataset, eval_loader, eval_transform, train_loader
 from util.distributed import is_distributed
 from util.errors import UserError
+from util.normalization import downstream_stats
 from util.optim import effective_lr
 from util.precision import autocast, make_scaler, resolve_amp
 from util.process import start_process
@@ -120,10 +121,13 @@ class ClassifierSetup:
         self.dist, self.device = start_process(args.device, args.dist_url)
         check_common(args)
         args.input_size = build_classifier(args, 1).patch_embed.img_size[0]
-        self.val_set = build_dataset(args.data_path, "val", eval_transform(args.input_size), args.bad_images)
+        weights = args.finetune or (args.resume if args.eval else None)
+        stats = downstream_stats(weights, args.mean, args.std, "--finetune" if args.finetune else "--resume")
+        args.mean, args.std = list(stats.mean), list(stats.std)
+        self.val_set = build_dataset(args.data_path, "val", eval_transform(args.input_size, stats), args.bad_images)
         self.train_set = None
         if train_transform is not None:
-            self.train_set = build_dataset(args.data_path, "train", train_transform(args.input_size, args),
+            self.train_set = build_dataset(args.data_path, "train", train_transform(args.input_size, args, stats),
                                            args.bad_images)
         self.num_classes = args.nb_classes or getattr(self.train_set or self.val_set, "num_classes", None)
         if not self.num_classes:

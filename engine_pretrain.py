@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import param_groups_weight_decay
 
 import models_hpm
@@ -18,7 +17,9 @@ from engine import Timer, no_timer
 from models_hpm import HPMTeacher, MaskedAutoencoderHPM
 from util.args import data_parser, model_parser, runtime_parser, training_parser
 from util.errors import UserError
+from util.colormap import heat_colors, normalise_per_image
 from util.masking import mask_policy
+from util.normalization import IMAGENET, Stats
 from util.patches import gather_patches
 from util.precision import autocast
 
@@ -28,6 +29,9 @@ def hpm_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("HPM")
     g.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches masked")
+    g.add_argument("--norm", choices=["imagenet", "dataset"], default="imagenet",
+                   help="normalise with ImageNet's mean/std (the reference) or the training set's own, "
+                        "computed at the start (--mean/--std give explicit values)")
     g.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixel targets")
     g.add_argument("--learning_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="HPM: loss predictor + EMA teacher choosing hard patches; off = MAE baseline")
@@ -74,7 +78,8 @@ class PretrainTask:
     score_key = None
 
     def __init__(self, student: MaskedAutoencoderHPM, args: argparse.Namespace, device: torch.device,
-                 amp_dtype: torch.dtype | None, world_size: int = 1, preview: torch.Tensor | None = None) -> None:
+                 amp_dtype: torch.dtype | None, world_size: int = 1, preview: torch.Tensor | None = None,
+                 stats: Stats = IMAGENET) -> None:
         self.student = student
         self.teacher = HPMTeacher(student, args.epochs, args.compile) if args.learning_loss else None
         try:
@@ -88,7 +93,7 @@ class PretrainTask:
         if world_size > 1:
             model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
         self.model = torch.compile(model) if args.compile else model
-        self.preview = preview
+        self.preview, self.stats = preview, stats
         self.num_parameters = sum(p.numel() for p in student.parameters() if p.requires_grad)
 
     @property
@@ -142,7 +147,7 @@ class PretrainTask:
         imgs = self.preview
         mask = self.mask(imgs, epoch, torch.Generator(device=imgs.device).manual_seed(self.seed))
         pred_loss = self.teacher.predict_losses(imgs).float() if self.teacher is not None else None
-        writer.add_image("reconstruction", reconstruction_grid(self.student, imgs, mask, pred_loss), epoch)
+        writer.add_image("reconstruction", reconstruction_grid(self.student, imgs, mask, pred_loss, self.stats), epoch)
         writer.flush()
 
 
@@ -154,12 +159,14 @@ def make_optimizer(student: MaskedAutoencoderHPM, args: argparse.Namespace,
 
 
 @torch.no_grad()
-def reconstruction_grid(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask: torch.Tensor,
-                        pred_loss: torch.Tensor | None) -> torch.Tensor:
-    """Rows: input, masked input, reconstruction (visible patches pasted back), teacher's loss map."""
+def reconstruction_rows(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask: torch.Tensor,
+                        stats: Stats = IMAGENET) -> list[torch.Tensor]:
+    """Input, masked input and reconstruction (visible patches pasted back, un-normalised with
+    norm_pix_loss), each (N, 3, H, W) in [0, 1]."""
     was_training = student.training
     student.eval()
     out = student(imgs, mask)
+    student.train(was_training)
     target = student.patchify(imgs)
     pred = out.pred.float()
     if student.norm_pix_loss:
@@ -169,15 +176,18 @@ def reconstruction_grid(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask:
         pred = pred * std + mean
     recon = target.clone().scatter_(1, out.ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]), pred)
     rows = [imgs, student.unpatchify(target * (~mask).unsqueeze(-1)), student.unpatchify(recon)]
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=imgs.device).view(1, 3, 1, 1)
-    rows = [(r * std + mean).clamp(0, 1) for r in rows]
+    mean = torch.tensor(stats.mean, device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(stats.std, device=imgs.device).view(1, 3, 1, 1)
+    return [(r.float() * std + mean).clamp(0, 1) for r in rows]
+
+
+@torch.no_grad()
+def reconstruction_grid(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask: torch.Tensor,
+                        pred_loss: torch.Tensor | None, stats: Stats = IMAGENET) -> torch.Tensor:
+    """Rows: input, masked input, reconstruction, the teacher's predicted-loss map (colour scale)."""
+    rows = reconstruction_rows(student, imgs, mask, stats)
     if pred_loss is not None:
         g = student.grid_size
-        lo = pred_loss.amin(1, keepdim=True)
-        hi = pred_loss.amax(1, keepdim=True)
-        heat = ((pred_loss - lo) / (hi - lo + 1e-12)).view(-1, 1, g, g)
-        heat = torch.nn.functional.interpolate(heat.float(), size=imgs.shape[-2:], mode="nearest")
-        rows.append(heat.expand(-1, 3, -1, -1))
-    student.train(was_training)
+        heat = heat_colors(normalise_per_image(pred_loss).view(-1, g, g)).permute(0, 3, 1, 2)
+        rows.append(torch.nn.functional.interpolate(heat, size=imgs.shape[-2:], mode="nearest"))
     return make_grid(torch.cat(rows).float().cpu(), nrow=imgs.shape[0], padding=1)

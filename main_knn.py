@@ -18,6 +18,7 @@ from util.distributed import DistInfo, cleanup, gather_in_order
 from util.errors import UserError, run_cli
 from util.knn import knn_classify
 from util.logger import append_json_log
+from util.normalization import downstream_stats
 from util.precision import autocast, resolve_amp
 from util.process import start_process
 
@@ -71,8 +72,10 @@ def main(args: argparse.Namespace) -> None:
         model = model.to(device).eval()
         size = model.patch_embed.img_size[0]
         amp_dtype = resolve_amp(args.amp, device)
-        train_set = build_dataset(args.data_path, "train", eval_transform(size), args.bad_images)
-        val_set = build_dataset(args.data_path, "val", eval_transform(size), args.bad_images)
+        stats = downstream_stats(args.finetune, args.mean, args.std)
+        args.mean, args.std = list(stats.mean), list(stats.std)
+        train_set = build_dataset(args.data_path, "train", eval_transform(size, stats), args.bad_images)
+        val_set = build_dataset(args.data_path, "val", eval_transform(size, stats), args.bad_images)
         train_f, train_l = extract(model, train_set, dist_info, args, device, amp_dtype)
         val_f, val_l = extract(model, val_set, dist_info, args, device, amp_dtype)
         if args.dump_features and dist_info.is_main:
@@ -86,6 +89,7 @@ def main(args: argparse.Namespace) -> None:
         for k, (top1, top5) in results.items():
             log.info(f"{k}-NN classifier: top-1 {top1:.2f}%, top-5 {top5:.2f}%")
         append_json_log(output_dir / "log_knn.txt", {"finetune": args.finetune, "teacher": args.teacher,
+                                                     "mean": args.mean, "std": args.std,
                                                      "temperature": args.temperature,
                                                      **{f"k{k}_acc1": r[0] for k, r in results.items()},
                                                      **{f"k{k}_acc5": r[1] for k, r in results.items()}})

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import torch
+from torchvision import transforms
 from torch.utils.tensorboard import SummaryWriter
 
 from engine import Run, fit
@@ -14,6 +15,7 @@ from util.checkpoint import FORMAT_PRETRAIN, find_resume
 from util.data import build_dataset, eval_transform, pretrain_transform, train_loader, with_transform
 from util.distributed import cleanup
 from util.errors import UserError, run_cli
+from util.normalization import IMAGENET, Stats, dataset_stats, explicit_stats
 from util.optim import effective_lr
 from util.precision import make_scaler, resolve_amp
 from util.process import start_process
@@ -41,6 +43,25 @@ def check_args(args: argparse.Namespace) -> None:
                         f"(got {args.mask_ratio})")
 
 
+def pretraining_stats(args: argparse.Namespace, dataset) -> Stats:
+    """--mean/--std, the training set's own (--norm dataset) or ImageNet's; recorded in args (and so
+    in every checkpoint)."""
+    stats = explicit_stats(args.mean, args.std)
+    if stats is not None and args.norm == "dataset":
+        raise UserError("--norm dataset computes the statistics from the data: drop --mean/--std, or use "
+                        "--norm imagenet with them")
+    source = "--mean/--std"
+    if stats is None and args.norm == "dataset":
+        stats = dataset_stats(with_transform(dataset, transforms.ToTensor()), seed=args.seed,
+                              num_workers=args.num_workers)
+        source = "computed from the training set"
+    elif stats is None:
+        stats, source = IMAGENET, "ImageNet's"
+    log.info(f"normalisation: {stats} ({source})")
+    args.mean, args.std = list(stats.mean), list(stats.std)
+    return stats
+
+
 def main(args: argparse.Namespace) -> PretrainTask:
     """Pretrain; returns the task (its `student` and `teacher`) for programmatic use."""
     dist_info, device = start_process(args.device, args.dist_url)
@@ -54,16 +75,18 @@ def main(args: argparse.Namespace) -> PretrainTask:
     torch.manual_seed(args.seed)   # the same initial student (and so teacher) on every process
     student = build_student(args).to(device)
     args.input_size = student.patch_embed.img_size[0]
-    dataset = build_dataset(args.data_path, "train", pretrain_transform(args.input_size), args.bad_images)
+    dataset = build_dataset(args.data_path, "train", None, args.bad_images)
+    stats = pretraining_stats(args, dataset)
+    dataset = with_transform(dataset, pretrain_transform(args.input_size, stats))
     loader = train_loader(dataset, dist_info, args.batch_size, args.num_workers,
                           args.pin_mem and device.type == "cuda", args.seed)
     args.lr = effective_lr(args, dist_info.world_size)
     amp_dtype = resolve_amp(args.amp, device)
     preview = None
     if dist_info.is_main:
-        view = with_transform(dataset, eval_transform(args.input_size, crop_pct=1.0))
+        view = with_transform(dataset, eval_transform(args.input_size, stats, crop_pct=1.0))
         preview = torch.stack([view[i][0] for i in range(min(8, len(view)))]).to(device)
-    task = PretrainTask(student, args, device, amp_dtype, dist_info.world_size, preview)
+    task = PretrainTask(student, args, device, amp_dtype, dist_info.world_size, preview, stats)
 
     output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)
     resume_path = find_resume(args.resume, args.auto_resume, output_dir)

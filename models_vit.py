@@ -17,9 +17,16 @@ from util.registry import ModelRegistry
 CLASSIFIERS = ModelRegistry("classifier")
 
 
-def _vit(global_pool: bool = True, **kwargs) -> VisionTransformer:
-    return VisionTransformer(global_pool="avg" if global_pool else "token", fc_norm=global_pool, qkv_bias=True,
-                             norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+def _vit(global_pool: bool = True, pretrained: str | None = None, teacher: bool = False,
+         **kwargs) -> VisionTransformer:
+    """`pretrained`: any checkpoint file the project reads (ours, the reference's, MAE's, timm's) or
+    a folder written by export.py; `teacher` takes an HPM checkpoint's EMA teacher."""
+    model = VisionTransformer(global_pool="avg" if global_pool else "token", fc_norm=global_pool, qkv_bias=True,
+                              norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+    if pretrained is not None:
+        from util.checkpoint import load_pretrained
+        load_pretrained(model, pretrained, teacher=teacher, what="pretrained")
+    return model
 
 
 def features(model: VisionTransformer, imgs: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ CASES = {
     "resume_missing_file": (P, lambda f: ["--resume", str(f["tmp"] / "gone.pth")], ["no such file"]),
     "hpm_with_mae_mask_flag": (P, lambda f: ["--mask_regular"], ["--no-learning_loss"]),
     "block_mask_without_square_visible_area": (P, lambda f: ["--no-learning_loss", "--mask_block", "--mask_ratio",
-                                                             "0.6"], ["not a square number", "--mask_ratio"]),
+                                                             "0.5"], ["not a square number", "--mask_ratio"]),
     "max_skipped_steps_zero": (P, lambda f: ["--max_skipped_steps", "0"], ["--max_skipped_steps 0", "at least 1"]),
     "finetune_other_architecture": (F, lambda f: ["--finetune", str(f["wide"])], ["does not fit", "shape mismatch"]),
     "finetune_truncated_checkpoint": (F, lambda f: ["--finetune", str(f["truncated"])], ["--finetune", "truncated"]),

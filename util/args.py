@@ -42,6 +42,11 @@ def data_parser() -> argparse.ArgumentParser:
                         "(default: the built-in scikit-learn digits)")
     g.add_argument("--bad_images", choices=["stop", "skip"], default="stop",
                    help="an unreadable image stops the run (naming the file), or is skipped with a warning")
+    g.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="per-channel mean to normalise with (with --std); default: the pretraining checkpoint's "
+                        "statistics, else ImageNet's")
+    g.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="per-channel std to normalise with (with --mean)")
     g.add_argument("--batch_size", type=int, default=64, help="images per process per step")
     g.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes per process")
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,

@@ -3,6 +3,7 @@ import argparse
 import os
 import pickle
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,14 +49,22 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:120]}" if lines else type(exc).__name__
 
 
-def load_file(path: str | os.PathLike, what: str = "--resume") -> dict:
-    """Load a checkpoint without running code from it (argparse.Namespace is the only class allowed)."""
+def _torch_load(path: Path, mmap: bool) -> Any:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        if mmap and zipfile.is_zipfile(path):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_file(path: str | os.PathLike, what: str = "--resume", mmap: bool = False) -> dict:
+    """Load a checkpoint without running code from it (argparse.Namespace is the only class allowed).
+
+    `mmap` maps the tensors instead of reading them: cheap when only a few entries are needed."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path}: no such file; check the path")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path, mmap)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" in text:
@@ -122,8 +131,8 @@ def pick_state_dict(ckpt: dict, teacher: bool, path: str | os.PathLike, what: st
     return state
 
 
-def clean_state_dict(state: dict) -> dict:
-    """Strip wrapper prefixes (DDP, torch.compile) and drop pretraining-only tensors."""
+def clean_state_dict(state: dict, keep_decoders: bool = False) -> dict:
+    """Strip wrapper prefixes (DDP, torch.compile) and (unless `keep_decoders`) drop pretraining-only tensors."""
     cleaned = {}
     for key, value in state.items():
         stripped = True
@@ -132,9 +141,21 @@ def clean_state_dict(state: dict) -> dict:
             for prefix in WRAPPER_PREFIXES:
                 if key.startswith(prefix):
                     key, stripped = key[len(prefix):], True
-        if not key.startswith(PRETRAIN_ONLY_PREFIXES):
+        if keep_decoders or not key.startswith(PRETRAIN_ONLY_PREFIXES):
             cleaned[key] = value
     return cleaned
+
+
+def read_weights(path: str | os.PathLike, teacher: bool = False, what: str = "--finetune") -> dict:
+    """The weights of any supported checkpoint file or exported folder, in our key names, with
+    wrapper prefixes and pretraining-only tensors removed."""
+    from util.formats import read_folder
+    path = Path(path)
+    if path.is_dir():
+        if teacher:
+            raise UserError(f"{what} {path}: an exported folder holds one encoder; drop --teacher")
+        return clean_state_dict(read_folder(path, what))
+    return clean_state_dict(pick_state_dict(load_file(path, what), teacher, path, what))
 
 
 def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, teacher: bool = False,
@@ -148,7 +169,7 @@ def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, teacher:
     """
     from util.pos_embed import interpolate_pos_embed
 
-    state = clean_state_dict(pick_state_dict(load_file(path, what), teacher, path, what))
+    state = read_weights(path, teacher, what)
     own = model.state_dict()
     uses_fc_norm = "fc_norm.weight" in own
     if allowed_missing is None:

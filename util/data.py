@@ -14,10 +14,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets, transforms
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from util.distributed import DistInfo
 from util.errors import UserError
+from util.normalization import IMAGENET, Stats
 from util.rng import sample_seed, seed_all
 
 log = logging.getLogger("hpm")
@@ -165,15 +165,15 @@ def with_transform(dataset: Dataset, transform: Callable) -> Dataset:
     return view
 
 
-def pretrain_transform(input_size: int) -> Callable:
+def pretrain_transform(input_size: int, stats: Stats = IMAGENET) -> Callable:
     return transforms.Compose([
         transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+        transforms.Normalize(stats.mean, stats.std)])
 
 
-def eval_transform(input_size: int, crop_pct: float | None = None) -> Callable:
+def eval_transform(input_size: int, stats: Stats = IMAGENET, crop_pct: float | None = None) -> Callable:
     """Resize the short side to input_size / crop_pct (bicubic), centre-crop input_size. The
     default crop ratio is the reference's: 224 / 256 up to 224 px, 1.0 above."""
     if crop_pct is None:
@@ -182,7 +182,7 @@ def eval_transform(input_size: int, crop_pct: float | None = None) -> Callable:
         transforms.Resize(int(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+        transforms.Normalize(stats.mean, stats.std)])
 
 
 class EpochSampler(DistributedSampler):
@@ -242,14 +242,13 @@ def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def finetune_transform(input_size: int, args) -> Callable:
+def finetune_transform(input_size: int, args, stats: Stats = IMAGENET) -> Callable:
     """DeiT/MAE training augmentation: RandomResizedCrop, flip, RandAugment, random erasing."""
     from timm.data import create_transform
     from timm.data.auto_augment import RandAugment
     transform = create_transform(input_size=input_size, is_training=True, color_jitter=args.color_jitter,
                                  auto_augment=args.aa, interpolation="bicubic", re_prob=args.reprob,
-                                 re_mode=args.remode, re_count=args.recount, mean=IMAGENET_DEFAULT_MEAN,
-                                 std=IMAGENET_DEFAULT_STD)
+                                 re_mode=args.remode, re_count=args.recount, mean=stats.mean, std=stats.std)
     for step in transform.transforms:
         if isinstance(step, RandAugment):
             for op in step.ops:
@@ -296,10 +295,10 @@ class SingleDrawResizedCrop(transforms.RandomResizedCrop):
         return top, left, h, w
 
 
-def probe_transform(input_size: int, args=None) -> Callable:
+def probe_transform(input_size: int, args=None, stats: Stats = IMAGENET) -> Callable:
     """Linear probing's training augmentation (MAE's): single-draw RandomResizedCrop (bicubic), flip."""
     return transforms.Compose([
         SingleDrawResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+        transforms.Normalize(stats.mean, stats.std)])

@@ -1,0 +1,107 @@
+"""Export a pretrained (or fine-tuned) encoder for other frameworks.
+
+    python export.py --checkpoint output_dir/checkpoint-last.pth --format mae --output hpm_vit_b.pth
+    python export.py --checkpoint output_dir/checkpoint-last.pth --format timm --output hpm_vit_b_timm
+    python export.py --checkpoint output_dir/checkpoint-last.pth --format hf --output hpm_vit_b_hf
+
+Formats: `mae`, MAE's release format `{"model": encoder state dict}` (Detectron2's ViTDet,
+MMSegmentation's MAE converter); `timm`, a folder with `model.safetensors` and `config.json`;
+`hf`, a folder that `transformers.ViTMAEModel.from_pretrained` loads offline. See TRANSFER.md.
+"""
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from util.args import HelpFormatter
+from util.checkpoint import clean_state_dict, load_file, pick_state_dict, save_atomic
+from util.errors import UserError, run_cli
+from util.formats import architecture, encoder_only, hf_config, timm_config, to_hf
+from util.logger import setup_logging
+from util.normalization import downstream_stats
+
+log = logging.getLogger("hpm")
+FORMATS = ("mae", "timm", "hf")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Export an encoder", formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="a pretraining checkpoint (ours, the reference HPM's, MAE's) or a fine-tuned one")
+    p.add_argument("--teacher", action="store_true", help="export the EMA teacher instead of the student")
+    p.add_argument("--format", choices=FORMATS, required=True,
+                   help="mae: {'model': encoder} file; timm: safetensors + config.json folder; hf: ViTMAEModel folder")
+    p.add_argument("--output", required=True, help="the file (mae) or folder (timm, hf) to write")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="normalisation for config.json (default: the checkpoint's statistics, else ImageNet's)")
+    p.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="normalisation std for config.json (with --mean)")
+    return p
+
+
+def _write_folder(output: Path, files: dict[str, bytes | dict], force: bool) -> None:
+    """Write every file into a temporary sibling folder, then move it into place in one rename."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        for name, content in files.items():
+            data = json.dumps(content, indent=2).encode() if isinstance(content, dict) else content
+            (tmp / name).write_bytes(data)
+        if output.exists():
+            old = output.with_name(f".{output.name}.old")
+            os.replace(output, old)
+            os.replace(tmp, output)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export(checkpoint: str, fmt: str, output: str, teacher: bool = False, force: bool = False,
+           mean: list[float] | None = None, std: list[float] | None = None) -> list[str]:
+    """Export; returns notes on what was left out. Nothing is written on any error."""
+    from safetensors.torch import save as safetensors_bytes
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: unknown; choose one of {', '.join(FORMATS)}")
+    out = Path(output)
+    if out.exists() and not force:
+        raise UserError(f"--output {out} exists; choose another path or pass --force to replace it")
+    if not out.parent.is_dir():
+        raise UserError(f"--output {out}: the folder {out.parent} does not exist; create it first")
+    ckpt = load_file(checkpoint, "--checkpoint")
+    state, notes = encoder_only(clean_state_dict(pick_state_dict(ckpt, teacher, checkpoint, "--checkpoint")),
+                                "--checkpoint", checkpoint)
+    arch = architecture(state)
+    stats = downstream_stats(checkpoint, mean, std, "--checkpoint")
+    if fmt == "mae":
+        save_atomic({"model": state, "normalization": stats.as_dict(), "architecture": arch}, out)
+    elif fmt == "timm":
+        _write_folder(out, {"model.safetensors": safetensors_bytes(state, metadata={"format": "pt"}),
+                            "config.json": timm_config(arch, stats.mean, stats.std)}, force)
+    else:
+        config = {**hf_config(arch), "image_mean": list(stats.mean), "image_std": list(stats.std)}
+        _write_folder(out, {"model.safetensors": safetensors_bytes(to_hf(state), metadata={"format": "pt"}),
+                            "config.json": config}, force)
+        if arch["global_pool"]:
+            notes.append("fine-tuned with global pooling: the HF `layernorm` holds fc_norm, apply it after "
+                         "averaging the tokens")
+    log.info(f"exported {'the teacher' if teacher else 'the encoder'} of {checkpoint} "
+             f"(ViT {arch['embed_dim']}-d, {arch['depth']} blocks, patch {arch['patch_size']}, "
+             f"{arch['img_size']} px) as {fmt} to {out}")
+    for note in notes:
+        log.info(f"note: {note}")
+    return notes
+
+
+def main(args: argparse.Namespace) -> None:
+    setup_logging(True)
+    export(args.checkpoint, args.format, args.output, args.teacher, args.force, args.mean, args.std)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))

@@ -1,0 +1,127 @@
+"""Encoder weights in other frameworks' layouts: MAE's (our own key names), timm's (the same keys
+in `model.safetensors` with a `config.json`) and Hugging Face's ViTMAE (q/k/v split, its names)."""
+import json
+from pathlib import Path
+
+import torch
+
+from util.errors import UserError
+
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.")
+HEADS = {64: 4, 192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}   # embedding width -> attention heads
+TIMM_NAMES = {(384, 16, 12): "vit_small_patch16_224", (768, 16, 12): "vit_base_patch16_224",
+              (1024, 16, 24): "vit_large_patch16_224", (1280, 14, 32): "vit_huge_patch14_224"}
+
+
+def encoder_only(state: dict, what: str, path) -> tuple[dict, list[str]]:
+    """The ViT encoder's tensors of a cleaned state dict; notes what was dropped besides decoders."""
+    if "patch_embed.proj.weight" not in state or "cls_token" not in state:
+        raise UserError(f"{what} {path}: holds no ViT encoder (no patch_embed / cls_token weights); pass a "
+                        f"pretraining or fine-tuning checkpoint")
+    encoder = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+    notes = []
+    if any(k.startswith("head.") for k in state):
+        notes.append("the classifier head was dropped (an encoder is exported)")
+    return encoder, notes
+
+
+def architecture(state: dict) -> dict:
+    """ViT hyper-parameters read off an encoder state dict (heads from the standard width table)."""
+    embed_dim = state["cls_token"].shape[-1]
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
+    if embed_dim not in HEADS:
+        raise UserError(f"embedding width {embed_dim} is not one of the registered ViTs "
+                        f"({', '.join(map(str, HEADS))}): the number of attention heads is unknown")
+    return {"img_size": grid * patch, "patch_size": patch, "embed_dim": embed_dim, "depth": depth,
+            "num_heads": HEADS[embed_dim], "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+            "global_pool": "fc_norm.weight" in state}
+
+
+def timm_config(arch: dict, mean, std) -> dict:
+    """config.json for timm: `timm.create_model(architecture, pretrained=True,
+    pretrained_cfg_overlay=dict(file=...), **model_args)`, or `local-dir:FOLDER`."""
+    name = TIMM_NAMES.get((arch["embed_dim"], arch["patch_size"], arch["depth"]), "vit_base_patch16_224")
+    model_args = {k: arch[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+    model_args.update(global_pool="avg" if arch["global_pool"] else "token", fc_norm=arch["global_pool"])
+    return {"architecture": name, "num_classes": 0, "num_features": arch["embed_dim"],
+            "global_pool": model_args["global_pool"], "model_args": model_args,
+            "pretrained_cfg": {"input_size": [3, arch["img_size"], arch["img_size"]], "num_classes": 0,
+                               "interpolation": "bicubic", "crop_pct": 0.875 if arch["img_size"] <= 224 else 1.0,
+                               "mean": list(mean), "std": list(std), "first_conv": "patch_embed.proj",
+                               "classifier": "head"}}
+
+
+_HF_BLOCK = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+             "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+
+
+def to_hf(state: dict) -> dict:
+    """Our (MAE / timm) encoder keys -> Hugging Face ViTMAEModel's (q, k, v split out of qkv)."""
+    out = {"embeddings.cls_token": state["cls_token"], "embeddings.position_embeddings": state["pos_embed"],
+           "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"]}
+    norm = "fc_norm" if "fc_norm.weight" in state else "norm"
+    out["layernorm.weight"], out["layernorm.bias"] = state[f"{norm}.weight"], state[f"{norm}.bias"]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    for i in range(depth):
+        ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = state[f"{ours}attn.qkv.{kind}"].chunk(3, dim=0)
+            for name, part in (("query", q), ("key", k), ("value", v)):
+                out[f"{theirs}attention.attention.{name}.{kind}"] = part
+            for src, dst in _HF_BLOCK.items():
+                out[f"{theirs}{dst}.{kind}"] = state[f"{ours}{src}.{kind}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf(state: dict) -> dict:
+    """Hugging Face ViTMAE / ViT keys (legacy or current names) -> ours; the inverse of `to_hf`."""
+    legacy = {}
+    for key, value in state.items():
+        key = key.removeprefix("vit.")
+        key = (key.replace("layers.", "encoder.layer.").replace("attention.q_proj", "attention.attention.query")
+               .replace("attention.k_proj", "attention.attention.key")
+               .replace("attention.v_proj", "attention.attention.value")
+               .replace("attention.o_proj", "attention.output.dense").replace("mlp.fc1", "intermediate.dense")
+               .replace("mlp.fc2", "output.dense"))
+        legacy[key] = value
+    out = {"cls_token": legacy["embeddings.cls_token"], "pos_embed": legacy["embeddings.position_embeddings"],
+           "patch_embed.proj.weight": legacy["embeddings.patch_embeddings.projection.weight"],
+           "patch_embed.proj.bias": legacy["embeddings.patch_embeddings.projection.bias"],
+           "norm.weight": legacy["layernorm.weight"], "norm.bias": legacy["layernorm.bias"]}
+    depth = 1 + max(int(k.split(".")[2]) for k in legacy if k.startswith("encoder.layer."))
+    for i in range(depth):
+        ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{ours}attn.qkv.{kind}"] = torch.cat(
+                [legacy[f"{theirs}attention.attention.{n}.{kind}"] for n in ("query", "key", "value")])
+            for src, dst in _HF_BLOCK.items():
+                out[f"{ours}{src}.{kind}"] = legacy[f"{theirs}{dst}.{kind}"]
+    return out
+
+
+def hf_config(arch: dict) -> dict:
+    """config.json of a transformers ViTMAEModel (mask_ratio 0: nothing masked)."""
+    return {"architectures": ["ViTMAEModel"], "model_type": "vit_mae", "hidden_size": arch["embed_dim"],
+            "num_hidden_layers": arch["depth"], "num_attention_heads": arch["num_heads"],
+            "intermediate_size": int(arch["embed_dim"] * arch["mlp_ratio"]), "hidden_act": "gelu",
+            "image_size": arch["img_size"], "patch_size": arch["patch_size"], "num_channels": 3,
+            "qkv_bias": True, "layer_norm_eps": 1e-6, "mask_ratio": 0.0, "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0}
+
+
+def read_folder(folder: Path, what: str) -> dict:
+    """The encoder state dict (our key names) of an exported timm or Hugging Face folder."""
+    from safetensors.torch import load_file as load_safetensors
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    if not weights.is_file():
+        raise UserError(f"{what} {folder}: a folder without model.safetensors; pass a checkpoint file or an "
+                        f"exported folder")
+    try:
+        state = load_safetensors(str(weights))
+        kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except Exception as exc:   # safetensors and json raise several kinds on damaged files
+        raise UserError(f"{what} {folder}: unreadable ({type(exc).__name__}); use an intact export") from None
+    return from_hf(state) if kind in ("vit_mae", "vit") else state

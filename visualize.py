@@ -1,0 +1,172 @@
+"""The paper's figure from a pretraining checkpoint: per image the input, the mask (HPM's at a
+chosen alpha, or a random MAE mask), the reconstruction with the visible patches pasted back, and
+the teacher's predicted-loss map as a colour heat map over the image, with a colour bar.
+
+    python visualize.py --checkpoint output_dir/checkpoint-last.pth --images path/to/images --output fig.png
+
+Needs matplotlib (requirements-dev.txt).
+"""
+import argparse
+import importlib.util
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+import models_hpm
+from engine_pretrain import reconstruction_rows
+from util.args import HelpFormatter
+from util.checkpoint import clean_state_dict, load_file, pick_state_dict
+from util.colormap import VIRIDIS_ANCHORS, normalise_per_image
+from util.data import IMG_EXTENSIONS, eval_transform, load_rgb
+from util.errors import UserError, run_cli
+from util.logger import setup_logging
+from util.masking import hard_patch_mask, random_mask
+from util.normalization import IMAGENET, stats_in_checkpoint
+
+log = logging.getLogger("hpm")
+INCHES_PER_IMAGE, DPI = 2.0, 100
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("HPM figure", formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint (ours, the reference's, MAE's)")
+    p.add_argument("--images", required=True, nargs="+", help="a folder of images, or image files (any size)")
+    p.add_argument("--output", default="hpm_figure.png", help="the PNG to write")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="share of the masked patches chosen as hard by the teacher (the schedule's end value)")
+    p.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches masked")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random part of the mask")
+    p.add_argument("--num_images", type=int, default=4, help="columns of the figure")
+    p.add_argument("--model", default=None, help="pretraining model name (default: the checkpoint's)")
+    return p
+
+
+def image_paths(inputs: list[str], limit: int) -> list[Path]:
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise UserError(f"--images {item}: no such file or folder")
+    if not paths:
+        raise UserError(f"--images {' '.join(inputs)}: no images found ({', '.join(IMG_EXTENSIONS)})")
+    return paths[:limit]
+
+
+def model_name(ckpt: dict, override: str | None, path: str) -> str:
+    args = ckpt.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    for name in (override, ckpt.get("model_name"), ckpt.get("model") if isinstance(ckpt.get("model"), str) else None,
+                 args.get("model")):
+        if name:
+            return name
+    raise UserError(f"--checkpoint {path}: it does not name its model; pass --model (e.g. mae_vit_base_patch16)")
+
+
+def load_networks(path: str, override: str | None, mask_ratio: float):
+    """The student (with its decoders) and, where the checkpoint has one, the teacher."""
+    ckpt = load_file(path, "--checkpoint")
+    name = model_name(ckpt, override, path)
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    state = clean_state_dict(pick_state_dict(ckpt, False, path, "--checkpoint"), keep_decoders=True)
+    if "decoder_pred.weight" not in state:
+        raise UserError(f"--checkpoint {path}: no reconstruction decoder (a fine-tuned or exported encoder?); "
+                        f"pass a pretraining checkpoint")
+    grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
+    kwargs = dict(mask_ratio=mask_ratio, norm_pix_loss=bool(args.get("norm_pix_loss", False)),
+                  learning_loss="decoder_pred_losspred.weight" in state,
+                  vis_mask_ratio=float(args.get("vis_mask_ratio", 0.0)))
+    try:
+        student = models_hpm.create_pretrain_model(name, **kwargs)
+        kwargs["img_size"] = grid * student.patch_size
+        student = models_hpm.create_pretrain_model(name, **kwargs)
+        student.load_state_dict(state)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(f"--checkpoint {path} does not fit model {name} ({str(exc).splitlines()[0][:160]}); "
+                        f"pass --model") from None
+    teacher = None
+    teacher_key = "teacher" if "teacher" in ckpt else "ema_state_dict"
+    if isinstance(ckpt.get(teacher_key), dict) and kwargs["learning_loss"]:
+        teacher = models_hpm.create_pretrain_model(name, **kwargs)
+        teacher.load_state_dict(clean_state_dict(ckpt[teacher_key], keep_decoders=True))
+    return student.eval(), (teacher.eval() if teacher is not None else None), stats_in_checkpoint(ckpt) or IMAGENET
+
+
+def draw(rows: list[torch.Tensor], heat: torch.Tensor | None, labels: list[str], output: Path) -> None:
+    """One labelled row per entry of `rows` (N images each), the heat map blended over the input."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LinearSegmentedColormap
+    n = rows[0].shape[0]
+    num_rows = len(rows) + (heat is not None)
+    fig, axes = plt.subplots(num_rows, n, figsize=(INCHES_PER_IMAGE * n + 1.0, INCHES_PER_IMAGE * num_rows),
+                             dpi=DPI, squeeze=False, gridspec_kw=dict(left=0.12, right=0.86))
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        for c in range(n):
+            axes[r][c].imshow(row[c].permute(1, 2, 0).cpu().numpy())
+        axes[r][0].set_ylabel(label)
+    if heat is not None:
+        cmap = LinearSegmentedColormap.from_list("hpm", [tuple(v / 255 for v in a) for a in VIRIDIS_ANCHORS])
+        for c in range(n):
+            axes[-1][c].imshow(rows[0][c].permute(1, 2, 0).cpu().numpy())
+            shown = axes[-1][c].imshow(heat[c].cpu().numpy(), cmap=cmap, vmin=0, vmax=1, alpha=0.6,
+                                       extent=(-0.5, rows[0].shape[-1] - 0.5, rows[0].shape[-2] - 0.5, -0.5))
+        axes[-1][0].set_ylabel(labels[-1])
+        bar = fig.colorbar(shown, ax=[axes[r][c] for r in range(num_rows) for c in range(n)], fraction=0.03)
+        bar.set_label("predicted loss (each image: low to high)")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".png", dir=output.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=DPI)
+        os.replace(tmp, output)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def main(args: argparse.Namespace) -> Path:
+    setup_logging(True)
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UserError(f"--alpha {args.alpha} must lie in [0, 1]")
+    if args.num_images < 1:
+        raise UserError(f"--num_images {args.num_images} must be at least 1")
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise UserError(f"--output {output}: the folder {output.parent} does not exist")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError("visualize.py needs matplotlib: pip install -r requirements-dev.txt")
+    student, teacher, stats = load_networks(args.checkpoint, args.model, args.mask_ratio)
+    size = student.patch_embed.img_size[0]
+    transform = eval_transform(size, stats)
+    imgs = torch.stack([transform(load_rgb(str(p))) for p in image_paths(args.images, args.num_images)])
+    generator = torch.Generator().manual_seed(args.seed)
+    n, num_patches = imgs.shape[0], student.patch_embed.num_patches
+    heat = None
+    if teacher is not None:
+        pred_loss = teacher.predict_losses(imgs)
+        mask = hard_patch_mask(pred_loss, student.num_masked, args.alpha, generator=generator)
+        g = student.grid_size
+        heat = torch.nn.functional.interpolate(normalise_per_image(pred_loss).view(n, 1, g, g), size=(size, size),
+                                               mode="nearest")[:, 0]
+        mask_label = f"HPM mask (alpha {args.alpha:g})"
+    else:
+        mask = random_mask(n, num_patches, student.num_masked, generator=generator)
+        mask_label = "random mask (MAE)"
+    rows = reconstruction_rows(student, imgs, mask, stats)
+    draw(rows, heat, ["input", mask_label, "reconstruction", "predicted loss"], output)
+    log.info(f"wrote {output}: {n} images, {len(rows) + (heat is not None)} rows")
+    return output
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))
