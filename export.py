@@ -32,7 +32,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="a pretraining checkpoint (ours, the reference HPM's, MAE's) or a fine-tuned one")
     p.add_argument("--teacher", action="store_true", help="export the EMA teacher instead of the student")
-    p.add_argument("--format", choices=FORMATS, required=True,
+    p.add_argument("--format", required=True,
                    help="mae: {'model': encoder} file; timm: safetensors + config.json folder; hf: ViTMAEModel folder")
     p.add_argument("--output", required=True, help="the file (mae) or folder (timm, hf) to write")
     p.add_argument("--force", action="store_true", help="replace an existing output")

@@ -122,3 +122,7 @@ def test_digits_with_dataset_statistics_round_trip_into_every_downstream_script(
     assert res.returncode == 0, res.stderr
     assert "differ from the statistics checkpoint-last.pth was trained with" in res.stdout
     assert json.loads((knn / "log_knn.txt").read_text().splitlines()[-1])["mean"] == [0.5, 0.5, 0.5]
+    for fmt, config in (("timm", lambda c: c["pretrained_cfg"]), ("hf", lambda c: {"mean": c["image_mean"]})):
+        res = run_script("export.py", "--checkpoint", weights, "--format", fmt, "--output", str(tmp_path / fmt))
+        assert res.returncode == 0, res.stderr
+        assert config(json.loads((tmp_path / fmt / "config.json").read_text()))["mean"] == ckpt["normalization"]["mean"]
