@@ -18,6 +18,7 @@ from models_hpm import HPMTeacher, MaskedAutoencoderHPM
 from util.args import data_parser, model_parser, runtime_parser, training_parser
 from util.errors import UserError
 from util.colormap import heat_colors, normalise_per_image
+from util.gpu_augment import GpuPretrainAugment
 from util.masking import mask_policy
 from util.normalization import IMAGENET, Stats
 from util.patches import gather_patches
@@ -41,6 +42,9 @@ def hpm_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask_block", action="store_true", help="MAE mode: one visible square, the rest masked")
     g.add_argument("--vis_mask_ratio", type=float, default=0.0,
                    help="UM-MAE: share of visible tokens replaced by a learned token in the encoder")
+    g.add_argument("--gpu_decode", action="store_true",
+                   help="decode the JPEGs and augment (crop, flip, normalise) on the device instead of in the "
+                        "loader's workers: for when the CPU loader is the bottleneck")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the student and the teacher: faster steps after a one-time compile")
     g.add_argument("--experiment", type=str, default=None,
@@ -88,7 +92,12 @@ class PretrainTask:
             raise UserError(str(exc)) from None
         self.device, self.amp_dtype, self.seed = device, amp_dtype, args.seed
         self.mask_generator = torch.Generator(device=device)
-        self.generators = (self.mask_generator,)
+        self.generators: tuple[torch.Generator, ...] = (self.mask_generator,)
+        self.gpu_augment = None
+        if args.gpu_decode:
+            self.gpu_augment = GpuPretrainAugment(student.patch_embed.img_size[0], device, stats)
+            self.augment_generator = torch.Generator(device=device)
+            self.generators += (self.augment_generator,)
         model: nn.Module = student
         if world_size > 1:
             model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
@@ -113,7 +122,11 @@ class PretrainTask:
             return self.mask_policy(imgs.shape[0], imgs.device, generator)
 
     def forward(self, batch, epoch: int, timer: Timer = no_timer) -> dict[str, torch.Tensor]:
-        imgs = batch[0].to(self.device, non_blocking=True)
+        if self.gpu_augment is not None:
+            with timer("augment"):
+                imgs = self.gpu_augment(self.gpu_augment.decode(batch[0]), self.augment_generator)
+        else:
+            imgs = batch[0].to(self.device, non_blocking=True)
         mask = self.mask(imgs, epoch, self.mask_generator, timer)
         with timer("forward"), self.precision():
             losses = self.student.forward_loss(imgs, self.model(imgs, mask))

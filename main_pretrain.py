@@ -15,6 +15,7 @@ from util.checkpoint import FORMAT_PRETRAIN, find_resume
 from util.data import build_dataset, eval_transform, pretrain_transform, train_loader, with_transform
 from util.distributed import cleanup
 from util.errors import UserError, run_cli
+from util.gpu_augment import JpegBytes, collate_bytes
 from util.normalization import IMAGENET, Stats, dataset_stats, explicit_stats
 from util.optim import effective_lr
 from util.precision import make_scaler, resolve_amp
@@ -78,8 +79,9 @@ def main(args: argparse.Namespace) -> PretrainTask:
     dataset = build_dataset(args.data_path, "train", None, args.bad_images)
     stats = pretraining_stats(args, dataset)
     dataset = with_transform(dataset, pretrain_transform(args.input_size, stats))
-    loader = train_loader(dataset, dist_info, args.batch_size, args.num_workers,
-                          args.pin_mem and device.type == "cuda", args.seed)
+    loader = train_loader(JpegBytes(dataset) if args.gpu_decode else dataset, dist_info, args.batch_size,
+                          args.num_workers, args.pin_mem and device.type == "cuda" and not args.gpu_decode,
+                          args.seed, collate_bytes if args.gpu_decode else None)
     args.lr = effective_lr(args, dist_info.world_size)
     amp_dtype = resolve_amp(args.amp, device)
     preview = None

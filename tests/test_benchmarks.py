@@ -96,3 +96,25 @@ def test_flop_count_of_cuda_attention_backward_leaves_out_the_recomputation():
         flops = count_flops(lambda: aten._scaled_dot_product_flash_attention_backward(
             out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset))
     assert flops == 2 * sdpa_flop_count(q.shape, k.shape, v.shape) > 0
+
+
+@pytest.mark.slow
+def test_gpu_acceptance_script_passes_in_its_tiny_cpu_mode(tmp_path):
+    """benchmarks/gpu_check.sh with HPM_GPU_CHECK_TINY=1: every step (benchmarks, torchrun
+    pretraining stopped and resumed, fine-tuning, probing, kNN, export, loader) ends as expected."""
+    import csv
+    import os
+    import subprocess
+    from tests.helpers import REPO
+    env = {**os.environ, "HPM_GPU_CHECK_TINY": "1", "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                         env=env, cwd=REPO, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    with open(tmp_path / "status.tsv") as f:
+        steps = {row["step"]: row for row in csv.DictReader(f, delimiter="\t")}
+    for name in ("bench_vit_b_bs8_eager", "bench_vit_b_bs16_compile", "bench_vit_l_bs8", "bench_vit_b_fp16",
+                 "pretrain_stopped", "pretrain_stop_saved", "pretrain_resumed", "finetune", "linprobe", "knn",
+                 "export", "loader_cpu", "loader_gpu_decode"):
+        assert steps[name]["exit"] == steps[name]["expected"], name
+    assert f"all {len(steps)} steps passed" in res.stdout and "| bench_vit_b_bs16_eager | MAE | 16 |" in res.stdout
+    assert (tmp_path / "export_timm" / "model.safetensors").is_file()

@@ -219,7 +219,7 @@ class SeededDataset(Dataset):
 
 
 def train_loader(dataset: Dataset, dist_info: DistInfo, batch_size: int, num_workers: int,
-                 pin_memory: bool, seed: int) -> DataLoader:
+                 pin_memory: bool, seed: int, collate_fn: Callable | None = None) -> DataLoader:
     """Shuffled (per seed and epoch), drop-last, reproducible loader; call sampler.set_epoch each epoch."""
     if batch_size * dist_info.world_size > len(dataset):
         raise UserError(f"--batch_size {batch_size} x {dist_info.world_size} process(es) is larger than the "
@@ -228,7 +228,7 @@ def train_loader(dataset: Dataset, dist_info: DistInfo, batch_size: int, num_wor
                            seed=seed, drop_last=True)
     # its own generator: creating the iterator must not consume the global RNG (drop path uses it)
     return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
-                      num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 

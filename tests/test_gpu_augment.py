@@ -1,0 +1,112 @@
+"""The --gpu_decode augmentation path, run on CPU tensors: the same crop distribution as
+torchvision's RandomResizedCrop, the same output range, and a pretraining run through it."""
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from tests.helpers import run_script
+from util.gpu_augment import GpuPretrainAugment, JpegBytes, collate_bytes, sample_crop_boxes
+from util.normalization import IMAGENET
+
+SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
+
+
+def _torchvision_boxes(height: int, width: int, n: int) -> torch.Tensor:
+    img = Image.new("RGB", (width, height))
+    torch.manual_seed(0)
+    return torch.tensor([transforms.RandomResizedCrop.get_params(img, SCALE, RATIO) for _ in range(n)])
+
+
+@pytest.mark.parametrize("height, width", [(224, 224), (375, 500), (40, 400), (500, 20)])
+def test_crop_boxes_follow_torchvisions_distribution(height, width):
+    n = 4000
+    ours = sample_crop_boxes(torch.full((n,), height), torch.full((n,), width), SCALE, RATIO,
+                             torch.Generator().manual_seed(1))
+    theirs = _torchvision_boxes(height, width, n)
+    for boxes in (ours, theirs):                       # every box inside the image
+        top, left, h, w = boxes.T
+        assert torch.all((top >= 0) & (left >= 0) & (top + h <= height) & (left + w <= width) & (h > 0) & (w > 0))
+
+    def summary(boxes):
+        top, left, h, w = boxes.T.double()
+        area = h * w / (height * width)
+        return torch.stack([area.mean(), area.std(), torch.log(w / h).mean(), torch.log(w / h).std(),
+                            ((top + h / 2) / height).mean(), ((left + w / 2) / width).mean()])
+    assert torch.allclose(summary(ours), summary(theirs), atol=0.03), (summary(ours), summary(theirs))
+    full = lambda b: (b[:, 2] * b[:, 3] == (b[:, 2] * b[:, 3]).max()).double().mean()   # fallback share
+    assert abs(full(ours) - full(theirs)) < 0.03
+
+
+def _jpeg_bytes(arr: np.ndarray) -> torch.Tensor:
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format="JPEG", quality=95)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def test_output_range_and_values_match_the_cpu_pipeline():
+    rng = np.random.RandomState(0)
+    arrays = [np.clip(rng.normal(128, 50, (h, w, 3)), 0, 255).astype(np.uint8)
+              for h, w in ((60, 80), (90, 45), (64, 64))]
+    augment = GpuPretrainAugment(32, torch.device("cpu"), IMAGENET)
+    decoded = augment.decode([_jpeg_bytes(a) for a in arrays])
+    out = augment(decoded, torch.Generator().manual_seed(0))
+    assert out.shape == (3, 3, 32, 32) and out.dtype == torch.float32
+    low = (0 - torch.tensor(IMAGENET.mean)) / torch.tensor(IMAGENET.std)
+    high = (1 - torch.tensor(IMAGENET.mean)) / torch.tensor(IMAGENET.std)
+    assert torch.all(out >= low.view(1, 3, 1, 1) - 1e-5) and torch.all(out <= high.view(1, 3, 1, 1) + 1e-5)
+    # the same box through both pipelines: PIL bicubic on the CPU path, antialiased tensor bicubic here
+    img = decoded[0]
+    pil = transforms.functional.resized_crop(transforms.functional.to_pil_image(img), 5, 7, 40, 50, [32, 32],
+                                             transforms.InterpolationMode.BICUBIC)
+    ours = transforms.v2.functional.resized_crop(img, 5, 7, 40, 50, [32, 32], antialias=True,
+                                                 interpolation=transforms.InterpolationMode.BICUBIC)
+    diff = (transforms.functional.pil_to_tensor(pil).float() - ours.float()).abs().mean() / 255
+    assert diff < 0.02
+
+
+def test_non_jpeg_files_and_the_built_in_digits_are_clear_errors(tmp_path):
+    from util.data import build_dataset
+    from util.errors import UserError
+    (tmp_path / "train" / "c").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "c" / "a.png")
+    with pytest.raises(UserError, match="a.png: not a JPEG file"):
+        JpegBytes(build_dataset(str(tmp_path), "train", None))[0]
+    with pytest.raises(UserError, match="give --data_path"):
+        JpegBytes(build_dataset(None, "train", None))
+    data, labels = collate_bytes([(torch.zeros(3, dtype=torch.uint8), 1), (torch.zeros(5, dtype=torch.uint8), 0)])
+    assert [len(d) for d in data] == [3, 5] and labels.tolist() == [1, 0]
+
+
+@pytest.mark.slow
+def test_pretraining_with_gpu_decode_runs_and_resumes_exactly(tmp_path):
+    rng = np.random.RandomState(0)
+    for c in range(2):
+        d = tmp_path / "data" / "train" / f"c{c}"
+        d.mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.randint(0, 255, (36 + i % 5, 40, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
+    common = ["--data_path", str(tmp_path / "data"), "--gpu_decode", "--epochs", "2", "--batch_size", "4",
+              "--num_workers", "1", "--print_freq", "1", "--warmup_epochs", "1"]
+    straight = run_script("main_pretrain.py", *common, "--output_dir", str(tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr
+    stopped = run_script("main_pretrain.py", *common, "--output_dir", str(tmp_path / "b"),
+                         env={"HPM_FAULT": "point=step,at=4,action=SIGTERM"})
+    assert stopped.returncode == 75, stopped.stderr
+    resumed = run_script("main_pretrain.py", *common, "--output_dir", str(tmp_path / "b"))
+    assert resumed.returncode == 0 and "at epoch 0, step 4" in resumed.stdout, resumed.stderr
+    from util.checkpoint import load_file
+    a, b = load_file(tmp_path / "a" / "checkpoint-last.pth"), load_file(tmp_path / "b" / "checkpoint-last.pth")
+    for part in ("model", "teacher"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    assert math.isfinite(json_loss(tmp_path / "a"))
+
+
+def json_loss(out) -> float:
+    import json
+    return json.loads((out / "log.txt").read_text().splitlines()[-1])["train_total"]

@@ -1,0 +1,102 @@
+"""Pretraining augmentation on the GPU (`--gpu_decode`), for when the CPU loader cannot keep up:
+the loader's workers only read the JPEG files' bytes; the batch is decoded on the device
+(`torchvision.io.decode_jpeg`, nvJPEG on CUDA) and cropped, resized, flipped and normalised
+there. The crop boxes follow torchvision's RandomResizedCrop exactly (ten tries at a random
+area and log-ratio, else the centre crop at the clamped ratio), drawn for the whole batch at once
+from the run's own generator; resizing is bicubic with antialiasing, as on the CPU path.
+On a CPU device the same code decodes on the CPU, which is how it is tested."""
+import math
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from util.errors import UserError
+from util.normalization import IMAGENET, Stats
+
+JPEG_MAGIC = b"\xff\xd8"
+TRIES = 10
+
+
+class JpegBytes(Dataset):
+    """The raw bytes of each image file of an ImageFolder or list dataset (no decoding)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        samples = getattr(dataset, "samples", None) or getattr(getattr(dataset, "dataset", None), "samples", None)
+        if samples is None:
+            raise UserError("--gpu_decode reads JPEG files: give --data_path (the built-in digits have no files)")
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        raw = Path(path).read_bytes()
+        if raw[:2] != JPEG_MAGIC:
+            raise UserError(f"{path}: not a JPEG file; --gpu_decode decodes JPEGs only (convert the file, or "
+                            f"drop --gpu_decode)")
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8), label
+
+
+def collate_bytes(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    return [data for data, _ in batch], torch.tensor([label for _, label in batch])
+
+
+def sample_crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale: tuple[float, float],
+                      ratio: tuple[float, float], generator: torch.Generator | None = None) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params for a batch: (N,) sizes -> (N, 4) top, left, h, w."""
+    n, device = heights.shape[0], heights.device
+    area = (heights * widths).double()
+    log_ratio = torch.tensor([math.log(ratio[0]), math.log(ratio[1])], dtype=torch.double)
+    u = torch.rand(n, TRIES, 2, device=device, generator=generator, dtype=torch.double)
+    target_area = area[:, None] * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    aspect = torch.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[..., 1])
+    w = torch.round(torch.sqrt(target_area * aspect)).long()
+    h = torch.round(torch.sqrt(target_area / aspect)).long()
+    fits = (w > 0) & (h > 0) & (w <= widths[:, None]) & (h <= heights[:, None])
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1, device=device))
+    offsets = torch.rand(n, TRIES, 2, device=device, generator=generator, dtype=torch.double)
+    idx = first.clamp_min(0)[:, None]
+    h_try, w_try = h.gather(1, idx)[:, 0], w.gather(1, idx)[:, 0]
+    top = (offsets[..., 0].gather(1, idx)[:, 0] * (heights - h_try + 1)).floor().long()
+    left = (offsets[..., 1].gather(1, idx)[:, 0] * (widths - w_try + 1)).floor().long()
+    # fallback: the centre crop at the ratio clamped into `ratio`
+    in_ratio = widths.double() / heights.double()
+    w_fb = torch.where(in_ratio < ratio[0], widths.double(),
+                       torch.where(in_ratio > ratio[1], torch.round(heights * ratio[1]), widths.double())).long()
+    h_fb = torch.where(in_ratio < ratio[0], torch.round(widths / ratio[0]),
+                       torch.where(in_ratio > ratio[1], heights.double(), heights.double())).long()
+    found = first >= 0
+    h_out, w_out = torch.where(found, h_try, h_fb), torch.where(found, w_try, w_fb)
+    top = torch.where(found, top, (heights - h_fb) // 2)
+    left = torch.where(found, left, (widths - w_fb) // 2)
+    return torch.stack([top, left, h_out, w_out], dim=1)
+
+
+class GpuPretrainAugment:
+    """Decode + RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip + normalise, on `device`."""
+
+    def __init__(self, size: int, device: torch.device, stats: Stats = IMAGENET,
+                 scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        self.size, self.device, self.scale, self.ratio = size, device, scale, ratio
+        self.mean = torch.tensor(stats.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(stats.std, device=device).view(1, 3, 1, 1)
+
+    def decode(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+        device = "cuda" if self.device.type == "cuda" else "cpu"
+        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+
+    def __call__(self, images: list[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 (3, H_i, W_i) images -> (N, 3, size, size) float, normalised."""
+        sizes = torch.tensor([img.shape[-2:] for img in images], device=self.device)
+        boxes = sample_crop_boxes(sizes[:, 0], sizes[:, 1], self.scale, self.ratio, generator).tolist()
+        # images differ in size, so each crop is resized on its own (one kernel per image on the device)
+        crops = torch.stack([TF.resized_crop(img, top, left, h, w, [self.size, self.size],
+                                             interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+                             for img, (top, left, h, w) in zip(images, boxes)])
+        flip = torch.rand(len(images), device=self.device, generator=generator) < 0.5
+        crops = torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
+        return (crops.float() / 255.0 - self.mean) / self.std
