@@ -22,6 +22,7 @@ from util.gpu_augment import GpuPretrainAugment
 from util.masking import mask_policy
 from util.normalization import IMAGENET, Stats
 from util.patches import gather_patches
+from util.targets import FrozenTarget, file_sha256
 from util.precision import autocast
 
 
@@ -42,6 +43,14 @@ def hpm_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask_block", action="store_true", help="MAE mode: one visible square, the rest masked")
     g.add_argument("--vis_mask_ratio", type=float, default=0.0,
                    help="UM-MAE: share of visible tokens replaced by a learned token in the encoder")
+    g.add_argument("--target", choices=["pixel", "ema", "clip", "dino"], default="pixel",
+                   help="reconstruction target: pixels, or features of the EMA teacher's encoder, of a frozen "
+                        "CLIP or DINO ViT (the reference's --learn_feature_loss)")
+    g.add_argument("--target_model", type=str, default=None,
+                   help="timm name of the frozen target model (default: vit_base_patch16_clip_224.openai for "
+                        "clip, vit_base_patch16_224.dino for dino)")
+    g.add_argument("--target_checkpoint", type=str, default=None,
+                   help="local weights file of the frozen target model (.pth or .safetensors)")
     g.add_argument("--gpu_decode", action="store_true",
                    help="decode the JPEGs and augment (crop, flip, normalise) on the device instead of in the "
                         "loader's workers: for when the CPU loader is the bottleneck")
@@ -58,9 +67,9 @@ def pretrain_parents() -> list[argparse.ArgumentParser]:
             training_parser(), runtime_parser(), hpm_parser()]
 
 
-def build_student(args: argparse.Namespace) -> MaskedAutoencoderHPM:
+def build_student(args: argparse.Namespace, target_dim: int | None = None) -> MaskedAutoencoderHPM:
     kwargs = dict(mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss, learning_loss=args.learning_loss,
-                  relative=args.relative, vis_mask_ratio=args.vis_mask_ratio)
+                  relative=args.relative, vis_mask_ratio=args.vis_mask_ratio, target_dim=target_dim)
     if args.input_size is not None:
         kwargs["img_size"] = args.input_size
     try:
@@ -74,8 +83,23 @@ def mask_kind(args: argparse.Namespace) -> str:
     return "regular" if args.mask_regular else "block" if args.mask_block else "random"
 
 
+def build_target(args: argparse.Namespace) -> tuple[FrozenTarget | None, int | None]:
+    """The frozen external target model (clip, dino) and the target's width (None for pixels)."""
+    with torch.device("meta"):
+        probe = build_student(args)
+    if args.target == "ema":
+        return None, probe.cls_token.shape[-1]
+    if args.target == "pixel":
+        return None, None
+    frozen = FrozenTarget(args.target, args.target_model, args.target_checkpoint, probe.patch_embed.img_size[0],
+                          probe.patch_size)
+    args.target_checkpoint_sha256 = file_sha256(args.target_checkpoint)
+    return frozen, frozen.dim
+
+
 class PretrainTask:
-    """HPM (a teacher chooses the masks) or MAE (no teacher, a mask policy does)."""
+    """HPM (a teacher chooses the masks) or MAE (no teacher, a mask policy does); the target is
+    pixels, or features of the EMA teacher (`ema`) or of a frozen model (`clip`, `dino`)."""
 
     objective = "total"
     finite_losses = {"recon": "reconstruction", "loss_pred": "loss-prediction"}
@@ -83,9 +107,12 @@ class PretrainTask:
 
     def __init__(self, student: MaskedAutoencoderHPM, args: argparse.Namespace, device: torch.device,
                  amp_dtype: torch.dtype | None, world_size: int = 1, preview: torch.Tensor | None = None,
-                 stats: Stats = IMAGENET) -> None:
+                 stats: Stats = IMAGENET, frozen_target: FrozenTarget | None = None) -> None:
         self.student = student
-        self.teacher = HPMTeacher(student, args.epochs, args.compile) if args.learning_loss else None
+        self.hpm, self.target = args.learning_loss, args.target
+        needs_teacher = args.learning_loss or args.target == "ema"
+        self.teacher = HPMTeacher(student, args.epochs, args.compile) if needs_teacher else None
+        self.frozen_target = frozen_target.to(device) if frozen_target is not None else None
         try:
             self.mask_policy = mask_policy(mask_kind(args), student.grid_size, student.num_masked)
         except ValueError as exc:
@@ -107,7 +134,7 @@ class PretrainTask:
 
     @property
     def name(self) -> str:
-        return "HPM" if self.teacher is not None else "MAE"
+        return ("HPM" if self.hpm else "MAE") + ("" if self.target == "pixel" else f" with {self.target} targets")
 
     def train(self) -> None:
         self.model.train()
@@ -115,11 +142,24 @@ class PretrainTask:
     def precision(self):
         return autocast(self.device, self.amp_dtype)
 
-    def mask(self, imgs: torch.Tensor, epoch: int, generator: torch.Generator, timer: Timer = no_timer) -> torch.Tensor:
-        if self.teacher is not None:
-            return self.teacher.mask(imgs, epoch, generator, self.precision, timer)
+    def mask(self, imgs: torch.Tensor, epoch: int, generator: torch.Generator, timer: Timer = no_timer,
+             pred_loss: torch.Tensor | None = None) -> torch.Tensor:
+        if self.hpm:
+            return self.teacher.mask(imgs, epoch, generator, self.precision, timer, pred_loss)
         with timer("masking"):
             return self.mask_policy(imgs.shape[0], imgs.device, generator)
+
+    def targets(self, imgs: torch.Tensor, epoch: int, timer: Timer = no_timer):
+        """The feature targets (N, L, C) or None for pixels, and the teacher's predicted losses when
+        the same pass gave them (`ema`)."""
+        if self.target == "ema":
+            with timer("teacher"), self.precision():
+                pred_loss, features = self.teacher.full_pass(imgs, losses=self.hpm and self.teacher.num_hard(epoch) > 0)
+            return features, pred_loss
+        if self.frozen_target is not None:
+            with timer("target"), self.precision():
+                return self.frozen_target(imgs), None
+        return None, None
 
     def forward(self, batch, epoch: int, timer: Timer = no_timer) -> dict[str, torch.Tensor]:
         if self.gpu_augment is not None:
@@ -127,9 +167,10 @@ class PretrainTask:
                 imgs = self.gpu_augment(self.gpu_augment.decode(batch[0]), self.augment_generator)
         else:
             imgs = batch[0].to(self.device, non_blocking=True)
-        mask = self.mask(imgs, epoch, self.mask_generator, timer)
+        features, pred_loss = self.targets(imgs, epoch, timer)
+        mask = self.mask(imgs, epoch, self.mask_generator, timer, pred_loss)
         with timer("forward"), self.precision():
-            losses = self.student.forward_loss(imgs, self.model(imgs, mask))
+            losses = self.student.forward_loss(imgs, self.model(imgs, mask), features)
         values = {"total": losses.total, "recon": losses.recon}
         if losses.loss_pred is not None:
             values["loss_pred"] = losses.loss_pred
@@ -159,7 +200,7 @@ class PretrainTask:
         """The same images and mask seed every epoch, masked as this epoch's training masks them."""
         imgs = self.preview
         mask = self.mask(imgs, epoch, torch.Generator(device=imgs.device).manual_seed(self.seed))
-        pred_loss = self.teacher.predict_losses(imgs).float() if self.teacher is not None else None
+        pred_loss = self.teacher.predict_losses(imgs).float() if self.hpm else None
         writer.add_image("reconstruction", reconstruction_grid(self.student, imgs, mask, pred_loss, self.stats), epoch)
         writer.flush()
 
@@ -175,12 +216,17 @@ def make_optimizer(student: MaskedAutoencoderHPM, args: argparse.Namespace,
 def reconstruction_rows(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask: torch.Tensor,
                         stats: Stats = IMAGENET) -> list[torch.Tensor]:
     """Input, masked input and reconstruction (visible patches pasted back, un-normalised with
-    norm_pix_loss), each (N, 3, H, W) in [0, 1]."""
+    norm_pix_loss), each (N, 3, H, W) in [0, 1]; no reconstruction for feature targets."""
     was_training = student.training
     student.eval()
     out = student(imgs, mask)
     student.train(was_training)
     target = student.patchify(imgs)
+    mean = torch.tensor(stats.mean, device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(stats.std, device=imgs.device).view(1, 3, 1, 1)
+    if student.target_dim is not None:
+        rows = [imgs, student.unpatchify(target * (~mask).unsqueeze(-1))]
+        return [(r.float() * std + mean).clamp(0, 1) for r in rows]
     pred = out.pred.float()
     if student.norm_pix_loss:
         masked_target = gather_patches(target, out.ids_masked)
@@ -189,8 +235,6 @@ def reconstruction_rows(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask:
         pred = pred * std + mean
     recon = target.clone().scatter_(1, out.ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]), pred)
     rows = [imgs, student.unpatchify(target * (~mask).unsqueeze(-1)), student.unpatchify(recon)]
-    mean = torch.tensor(stats.mean, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(stats.std, device=imgs.device).view(1, 3, 1, 1)
     return [(r.float() * std + mean).clamp(0, 1) for r in rows]
 
 

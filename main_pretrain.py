@@ -9,9 +9,9 @@ from torchvision import transforms
 from torch.utils.tensorboard import SummaryWriter
 
 from engine import Run, fit
-from engine_pretrain import PretrainTask, build_student, make_optimizer, pretrain_parents
+from engine_pretrain import PretrainTask, build_student, build_target, make_optimizer, pretrain_parents
 from util.args import check_common, check_output_dir, make_parser
-from util.checkpoint import FORMAT_PRETRAIN, find_resume
+from util.checkpoint import FORMAT_PRETRAIN, find_resume, load_file
 from util.data import build_dataset, eval_transform, pretrain_transform, train_loader, with_transform
 from util.distributed import cleanup
 from util.errors import UserError, run_cli
@@ -73,8 +73,9 @@ def main(args: argparse.Namespace) -> PretrainTask:
         args.log_dir = str(Path(args.log_dir) / args.experiment) if args.log_dir else None
 
     # Everything that can fail on bad input happens before the output directory is touched.
+    frozen_target, target_dim = build_target(args)
     torch.manual_seed(args.seed)   # the same initial student (and so teacher) on every process
-    student = build_student(args).to(device)
+    student = build_student(args, target_dim).to(device)
     args.input_size = student.patch_embed.img_size[0]
     dataset = build_dataset(args.data_path, "train", None, args.bad_images)
     stats = pretraining_stats(args, dataset)
@@ -88,10 +89,16 @@ def main(args: argparse.Namespace) -> PretrainTask:
     if dist_info.is_main:
         view = with_transform(dataset, eval_transform(args.input_size, stats, crop_pct=1.0))
         preview = torch.stack([view[i][0] for i in range(min(8, len(view)))]).to(device)
-    task = PretrainTask(student, args, device, amp_dtype, dist_info.world_size, preview, stats)
+    task = PretrainTask(student, args, device, amp_dtype, dist_info.world_size, preview, stats, frozen_target)
 
     output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)
     resume_path = find_resume(args.resume, args.auto_resume, output_dir)
+    saved = load_file(resume_path, "--resume", mmap=True) if resume_path is not None else {}
+    if saved.get("format") == FORMAT_PRETRAIN:
+        saved = saved.get("args") or {}
+        if saved.get("target", "pixel") != args.target:
+            raise UserError(f"--resume {resume_path}: pretrained with --target {saved.get('target', 'pixel')}, but "
+                            f"this run asks for --target {args.target}; keep the target or use another --output_dir")
     writer = None
     if dist_info.is_main:
         log_dir = check_output_dir(args.log_dir, "--log_dir") if args.log_dir else output_dir

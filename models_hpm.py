@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from util.losses import absolute_loss_prediction, reconstruction_loss, relative_loss_prediction
+from util.losses import absolute_loss_prediction, feature_loss, reconstruction_loss, relative_loss_prediction
 from util.masking import hard_patch_mask, num_masked_patches, random_mask
 from util.patches import gather_patches, patchify, unpatchify
 from util.pos_embed import get_2d_sincos_pos_embed
@@ -49,7 +49,8 @@ class MaskedAutoencoderHPM(nn.Module):
                  embed_dim: int = 1024, depth: int = 24, num_heads: int = 16,
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  mlp_ratio: float = 4.0, mask_ratio: float = 0.75, norm_pix_loss: bool = False,
-                 learning_loss: bool = True, relative: bool = True, vis_mask_ratio: float = 0.0) -> None:
+                 learning_loss: bool = True, relative: bool = True, vis_mask_ratio: float = 0.0,
+                 target_dim: int | None = None) -> None:
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"input size {img_size} is not divisible by the patch size {patch_size}: "
@@ -60,6 +61,7 @@ class MaskedAutoencoderHPM(nn.Module):
         self.learning_loss = learning_loss
         self.relative = relative
         self.vis_mask_ratio = vis_mask_ratio
+        self.target_dim = target_dim          # None: pixels; else the width of the feature target
         norm = partial(nn.LayerNorm, eps=1e-6)
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -80,7 +82,7 @@ class MaskedAutoencoderHPM(nn.Module):
         patch_dim = patch_size * patch_size * in_chans
         self.decoder_blocks = _blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
         self.decoder_norm = norm(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, target_dim or patch_dim)
         if learning_loss:
             self.decoder_blocks_losspred = _blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
             self.decoder_norm_losspred = norm(decoder_embed_dim)
@@ -186,18 +188,30 @@ class MaskedAutoencoderHPM(nn.Module):
         return HPMOutput(pred, loss_pred, latent, ids[:, num_visible:])
 
     @torch.no_grad()
-    def predict_losses(self, imgs: torch.Tensor) -> torch.Tensor:
+    def teacher_pass(self, imgs: torch.Tensor, losses: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The teacher's view: all patches visible (less the `vis_mask_ratio` share, as in the
-        reference), loss predictor only. -> (N, L)"""
-        if not self.learning_loss:
-            raise RuntimeError("this model has no loss predictor (built with learning_loss=False)")
+        reference). -> predicted losses (N, L) from the loss predictor alone (None unless `losses`),
+        and the encoder's output at every patch (N, L, D), the `ema` feature target."""
         latent = self.forward_encoder(imgs, vis_mask=True)
-        return self.forward_loss_predictor(self.decoder_input(latent, None, latent.shape[1] - 1), 1)
+        pred_loss = None
+        if losses:
+            if not self.learning_loss:
+                raise RuntimeError("this model has no loss predictor (built with learning_loss=False)")
+            pred_loss = self.forward_loss_predictor(self.decoder_input(latent, None, latent.shape[1] - 1), 1)
+        return pred_loss, latent[:, 1:]
 
-    def forward_loss(self, imgs: torch.Tensor, out: HPMOutput) -> HPMLosses:
-        """Reconstruction loss on the masked patches, plus the loss-prediction objective for HPM."""
-        target = gather_patches(self.patchify(imgs), out.ids_masked)
-        recon, per_patch = reconstruction_loss(out.pred, target, self.norm_pix_loss)
+    def predict_losses(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, L) the loss predictor's output with nothing masked."""
+        return self.teacher_pass(imgs)[0]
+
+    def forward_loss(self, imgs: torch.Tensor, out: HPMOutput, target_features: torch.Tensor | None = None) -> HPMLosses:
+        """Reconstruction loss on the masked patches (pixels, or `target_features` (N, L, C) of a
+        teacher), plus the loss-prediction objective for HPM, which ranks that per-patch loss."""
+        if target_features is not None:
+            recon, per_patch = feature_loss(out.pred, gather_patches(target_features, out.ids_masked))
+        else:
+            recon, per_patch = reconstruction_loss(out.pred, gather_patches(self.patchify(imgs), out.ids_masked),
+                                                   self.norm_pix_loss)
         if out.loss_pred is None:
             return HPMLosses(recon, recon, None, per_patch)
         objective = relative_loss_prediction if self.relative else absolute_loss_prediction
@@ -206,22 +220,22 @@ class MaskedAutoencoderHPM(nn.Module):
 
 
 class HPMTeacher:
-    """The EMA teacher: a frozen copy of the whole student that predicts which patches are hard.
+    """The EMA teacher: a frozen copy of the whole student that predicts which patches are hard
+    (and, with `--target ema`, gives the feature targets from the same pass).
 
     It owns everything about the teacher: its creation from the student, the decay schedule and
-    the EMA update after each optimizer step, the full-image loss prediction, the hard-patch
-    mask of an epoch (easy to hard), compilation and its state in checkpoints (`teacher`).
+    the EMA update after each optimizer step, the full-image pass, the hard-patch mask of an
+    epoch (easy to hard), compilation and its state in checkpoints (`teacher`).
     """
 
     def __init__(self, student: MaskedAutoencoderHPM, epochs: int, compile: bool = False) -> None:
-        if not student.learning_loss:
-            raise ValueError("the HPM teacher needs a student with a loss predictor (learning_loss=True)")
         self.model = copy.deepcopy(student).eval().requires_grad_(False)
         self.epochs = epochs
         self.num_masked = student.num_masked
+        self.has_loss_predictor = student.learning_loss
         self._student_params = list(student.parameters())
         self._params = list(self.model.parameters())
-        self._predict = torch.compile(self.model.predict_losses) if compile else self.model.predict_losses
+        self._pass = torch.compile(self.model.teacher_pass) if compile else self.model.teacher_pass
 
     def decay(self, epoch: int) -> float:
         return teacher_decay(epoch)
@@ -230,8 +244,14 @@ class HPMTeacher:
         """Share of the masked patches chosen as hard in `epoch`."""
         return hard_patch_alpha(epoch, self.epochs)
 
+    def num_hard(self, epoch: int) -> int:
+        return int(self.num_masked * self.alpha(epoch)) if self.has_loss_predictor else 0
+
     def scalars(self, epoch: int) -> dict[str, float]:
-        return {"alpha": self.alpha(epoch), "teacher_decay": self.decay(epoch)}
+        values = {"teacher_decay": self.decay(epoch)}
+        if self.has_loss_predictor:
+            values["alpha"] = self.alpha(epoch)
+        return values
 
     @torch.no_grad()
     def update(self, epoch: int) -> None:
@@ -239,25 +259,30 @@ class HPMTeacher:
         torch._foreach_lerp_(self._params, self._student_params, 1.0 - self.decay(epoch))
 
     @torch.no_grad()
+    def full_pass(self, imgs: torch.Tensor, losses: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(N, 3, H, W) -> predicted losses (N, L) (None unless `losses`), encoder output (N, L, D)."""
+        return self._pass(imgs, losses)
+
     def predict_losses(self, imgs: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, L) predicted reconstruction loss of every patch, all patches visible."""
-        return self._predict(imgs)
+        return self.full_pass(imgs)[0]
 
     def mask(self, imgs: torch.Tensor, epoch: int, generator: torch.Generator | None = None,
              precision: Callable[[], ContextManager] | None = None,
-             timer: Callable[[str], ContextManager] | None = None) -> torch.Tensor:
+             timer: Callable[[str], ContextManager] | None = None,
+             pred_loss: torch.Tensor | None = None) -> torch.Tensor:
         """The epoch's HPM mask (N, L): the int(M * alpha) patches of highest predicted loss, the
-        rest uniform. While that number is 0 the mask is uniform and the teacher does not run."""
+        rest uniform. While that number is 0 the mask is uniform and the teacher does not run.
+        `pred_loss`: the predicted losses when the caller already ran the teacher's pass."""
         timer = timer or (lambda phase: nullcontext())
-        alpha = self.alpha(epoch)
         n, num_patches = imgs.shape[0], self.model.patch_embed.num_patches
-        if int(self.num_masked * alpha) <= 0:
+        if self.num_hard(epoch) <= 0:
             with timer("masking"):
                 return random_mask(n, num_patches, self.num_masked, device=imgs.device, generator=generator)
-        with timer("teacher"), (precision or nullcontext)():
-            pred_loss = self.predict_losses(imgs)
+        if pred_loss is None:
+            with timer("teacher"), (precision or nullcontext)():
+                pred_loss = self.predict_losses(imgs)
         with timer("masking"):
-            return hard_patch_mask(pred_loss, self.num_masked, alpha, generator=generator)
+            return hard_patch_mask(pred_loss, self.num_masked, self.alpha(epoch), generator=generator)
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

@@ -78,9 +78,12 @@ def load_networks(path: str, override: str | None, mask_ratio: float):
         raise UserError(f"--checkpoint {path}: no reconstruction decoder (a fine-tuned or exported encoder?); "
                         f"pass a pretraining checkpoint")
     grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
+    patch = state["patch_embed.proj.weight"]
+    pred_width = state["decoder_pred.weight"].shape[0]
     kwargs = dict(mask_ratio=mask_ratio, norm_pix_loss=bool(args.get("norm_pix_loss", False)),
                   learning_loss="decoder_pred_losspred.weight" in state,
-                  vis_mask_ratio=float(args.get("vis_mask_ratio", 0.0)))
+                  vis_mask_ratio=float(args.get("vis_mask_ratio", 0.0)),
+                  target_dim=None if pred_width == patch.shape[1] * patch.shape[2] * patch.shape[3] else pred_width)
     try:
         student = models_hpm.create_pretrain_model(name, **kwargs)
         kwargs["img_size"] = grid * student.patch_size
@@ -163,7 +166,8 @@ def main(args: argparse.Namespace) -> Path:
         mask = random_mask(n, num_patches, student.num_masked, generator=generator)
         mask_label = "random mask (MAE)"
     rows = reconstruction_rows(student, imgs, mask, stats)
-    draw(rows, heat, ["input", mask_label, "reconstruction", "predicted loss"], output)
+    labels = ["input", mask_label] + (["reconstruction"] if len(rows) == 3 else []) + ["predicted loss"]
+    draw(rows, heat, labels, output)
     log.info(f"wrote {output}: {n} images, {len(rows) + (heat is not None)} rows")
     return output
 

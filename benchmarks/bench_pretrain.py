@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import Run, train_step  # noqa: E402
-from engine_pretrain import PretrainTask, build_student, make_optimizer, pretrain_parents  # noqa: E402
+from engine_pretrain import PretrainTask, build_student, build_target, make_optimizer, pretrain_parents  # noqa: E402
 from util.args import make_parser  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
 from util.precision import make_scaler, resolve_amp  # noqa: E402
@@ -40,10 +40,25 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     g.add_argument("--json", type=str, default=None, help="write the results to this file")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--probe_seconds", type=float, default=1.0, help="length of each matmul-peak probe")
     g.add_argument("--paired_mae", action="store_true",
                    help="also time an MAE step next to every HPM step and report the pairwise HPM/MAE time ratio")
     p.set_defaults(model="mae_vit_base_patch16", batch_size=8, amp="none", lr=1e-4, epochs=2, clip_grad=5.0)
     return p.parse_args()
+
+
+def random_target_weights(args: argparse.Namespace) -> str:
+    """A randomly initialised frozen target model (its speed does not depend on the weights) in a
+    temporary file, when no --target_checkpoint is given."""
+    import tempfile
+
+    import timm
+    from util.targets import DEFAULT_MODELS
+    model = timm.create_model(args.target_model or DEFAULT_MODELS[args.target], pretrained=False,
+                              **({"num_classes": 0} if args.target == "dino" else {}))
+    path = Path(tempfile.mkdtemp()) / f"random_{args.target}.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
 
 
 def synchronize(device: torch.device) -> None:
@@ -120,12 +135,18 @@ def main() -> None:
     _, device = start_process(args.device)
     amp_dtype = resolve_amp(args.amp, device)
 
+    if args.target in ("clip", "dino") and args.target_checkpoint is None:
+        args.target_checkpoint = random_target_weights(args)
+    targets = {}
+
     def make_step(learning_loss: bool):
         """Epoch 0 of 2: the teacher masks a quarter of the masked patches as hard (alpha 0.25)."""
-        torch.manual_seed(0)
         mode_args = argparse.Namespace(**{**vars(args), "learning_loss": learning_loss})
-        student = build_student(mode_args).to(device)
-        task = PretrainTask(student, mode_args, device, amp_dtype)
+        frozen, target_dim = build_target(mode_args)
+        torch.manual_seed(0)
+        student = build_student(mode_args, target_dim).to(device)
+        task = PretrainTask(student, mode_args, device, amp_dtype, frozen_target=frozen)
+        targets[learning_loss] = task.frozen_target
         run = Run(task, None, make_optimizer(student, mode_args, device), make_scaler(device, amp_dtype), device,
                   DistInfo(), Path("."), "", mode_args)
         task.train()
@@ -153,13 +174,13 @@ def main() -> None:
     # every iteration has a probe right before and right after it.
     peak_dtype = amp_dtype or torch.float32
     order = abba_order(args.iters) if args.paired_mae else [mode] * args.iters
-    times, peaks = [], [matmul_peak(device, peak_dtype, seconds=1.0)]
+    times, peaks = [], [matmul_peak(device, peak_dtype, seconds=args.probe_seconds)]
     for name in order:
         t = time.perf_counter()
         steps[name](imgs)
         synchronize(device)
         times.append(time.perf_counter() - t)
-        peaks.append(matmul_peak(device, peak_dtype, seconds=1.0))
+        peaks.append(matmul_peak(device, peak_dtype, seconds=args.probe_seconds))
     peaks_around = [(before + after) / 2 for before, after in zip(peaks, peaks[1:])]
 
     phases: dict[str, list[float]] = defaultdict(list)
@@ -195,6 +216,9 @@ def main() -> None:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup,
         **timing(mode),
         "phase_s": {k: statistics.median(v) for k, v in phases.items()},
+        "target": args.target,
+        "target_flops_per_iter": count_flops(lambda: targets[args.learning_loss](imgs)) if targets[args.learning_loss]
+        else 0,
         "matmul_peak_flops_per_s": peak, "matmul_peak_dtype": str(peak_dtype),
         "matmul_peak_probes_flops_per_s": peaks,
         "peak_mem_bytes": peak_memory(device),

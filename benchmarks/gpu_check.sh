@@ -29,7 +29,7 @@ step() {   # step NAME EXPECTED_EXIT COMMAND...: run, log to $out/NAME.log, reco
 if [ "${HPM_GPU_CHECK_TINY:-0}" = 1 ]; then
     device=cpu; amp=none; compile=(); base=mae_vit_tiny_patch4; large=mae_vit_tiny_patch4
     small=mae_vit_tiny_patch4; classifier=vit_tiny_patch4; batches=(8 16); large_batch=8
-    bench=(--iters 2 --warmup 1 --threads 1); images=(--train 64 --val 32 --classes 4 --min_size 40 --max_size 56)
+    bench=(--iters 2 --warmup 1 --threads 1 --probe_seconds 0.1); images=(--train 64 --val 32 --classes 4 --min_size 40 --max_size 56)
     e2e=(--batch_size 8 --num_workers 1); stop_at=5; workers=(0 1); loader=(--batch_size 8 --batches 3 --input_size 32)
 else
     device=cuda; amp=bf16; compile=(--compile); base=mae_vit_base_patch16; large=mae_vit_large_patch16

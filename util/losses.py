@@ -34,3 +34,12 @@ def absolute_loss_prediction(pred: torch.Tensor, target: torch.Tensor) -> torch.
     target = target.detach().float()
     target = (target - target.mean(dim=1, keepdim=True)) / (target.var(dim=1, keepdim=True) + 1e-6) ** 0.5
     return (pred.float() - target).pow(2).mean()
+
+
+def feature_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature targets: per masked patch the squared distance of the L2-normalised prediction and
+    target, summed over the feature dimension. (N, M, C) -> (scalar mean, per-patch (N, M))."""
+    pred = torch.nn.functional.normalize(pred.float(), dim=-1)
+    target = torch.nn.functional.normalize(target.detach().float(), dim=-1)
+    per_patch = (pred - target).pow(2).sum(dim=-1)
+    return per_patch.mean(), per_patch
