@@ -62,14 +62,19 @@ def test_bad_values_are_one_line_errors(mean, std, words):
     assert "\n" not in str(exc.value)
 
 
-def test_bad_values_on_the_command_line_stop_before_anything_is_written(tmp_path):
+def test_bad_values_on_the_command_line_stop_before_anything_is_written(tmp_path, capsys):
+    import main_pretrain
+    from util.errors import run_cli
     out = tmp_path / "out"
-    res = run_script("main_pretrain.py", "--std", "0.2", "0", "0.2", "--mean", "0.5", "0.5", "0.5",
-                     "--output_dir", str(out), "--epochs", "1")
-    assert res.returncode == 2 and res.stderr.strip() == "error: --std 0.2 0.0 0.2: every std must be above 0"
+    for argv, message in ((["--std", "0.2", "0", "0.2", "--mean", "0.5", "0.5", "0.5"],
+                           "error: --std 0.2 0.0 0.2: every std must be above 0"),
+                          (["--std", "0.2", "0.2"], "expected 3 arguments")):
+        with pytest.raises(SystemExit) as exc:
+            run_cli(lambda: main_pretrain.main(main_pretrain.get_args_parser().parse_args(
+                [*argv, "--output_dir", str(out), "--epochs", "1", "--num_workers", "0"])))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and message in err[-1]
     assert not out.exists()
-    res = run_script("main_pretrain.py", "--std", "0.2", "0.2", "--output_dir", str(out))
-    assert res.returncode == 2 and "expected 3 arguments" in res.stderr
 
 
 def test_old_and_foreign_checkpoints_mean_imagenet(tmp_path):
