@@ -8,6 +8,7 @@ the finite-loss check, logging, graceful stops with mid-epoch checkpoints, and r
 import datetime
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from util.checkpoint import ResumePoint, resume_training, save_training_checkpoint
-from util.distributed import DistInfo, gather_objects, reduce_stats
+from util.distributed import DistInfo, gather_objects, is_distributed, reduce_stats
 from util.errors import UserError
 from util.faults import fault_point
 from util.logger import MetricLogger, append_json_log
@@ -38,6 +39,14 @@ def no_timer(phase: str) -> ContextManager:
 
 class NonFiniteLossError(UserError):
     """Training diverged; the last good checkpoint is left as it was."""
+
+
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written (a full disk, a lost mount); the previous one is intact."""
+
+
+class CollectiveTimeoutError(UserError):
+    """A collective operation did not complete within --dist_timeout: another rank is stuck or dead."""
 
 
 class Task(Protocol):
@@ -87,10 +96,21 @@ class Run:
 
     def save(self, paths: list[Path], next_epoch: int, best: float, next_step: int = 0, rng=None) -> None:
         stats = {"mean": self.args.mean, "std": self.args.std} if getattr(self.args, "mean", None) else None
-        save_training_checkpoint(paths, self.fmt, self.args.model, next_epoch, self.args,
-                                 {**self.task.states(), "optimizer": self.optimizer, "scaler": self.scaler,
-                                  "best_score": best, "next_step": next_step, "rng": rng,
-                                  "normalization": stats})
+        try:
+            save_training_checkpoint(paths, self.fmt, self.args.model, next_epoch, self.args,
+                                     {**self.task.states(), "optimizer": self.optimizer, "scaler": self.scaler,
+                                      "best_score": best, "next_step": next_step, "rng": rng,
+                                      "normalization": stats})
+        except OSError as exc:
+            needed = max((p.stat().st_size for p in self.output_dir.glob("checkpoint-*.pth")), default=0)
+            free = shutil.disk_usage(self.output_dir).free
+            message = (f"saving a checkpoint in {self.output_dir} failed ({exc.strerror or exc}); it needs about "
+                       f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; the previous checkpoint is "
+                       f"intact")
+            if not getattr(self.args, "save_retry", False):
+                raise CheckpointSaveError(f"{message}: free space and rerun the same command to resume "
+                                          f"(or pass --save_retry to keep training)") from None
+            log.warning(f"{message}; training goes on (--save_retry) and the next save tries again")
 
 
 def train_step(run: Run, batch, epoch: int, last_micro_step: bool, timer: Timer = no_timer) -> dict[str, torch.Tensor]:
@@ -167,8 +187,22 @@ def fit(run: Run, start: ResumePoint, best: float = 0.0) -> dict:
     """Epochs from `start` to args.epochs: train, end the epoch (evaluate, pictures), save, log.
 
     A stop request saves a mid-epoch checkpoint (with every rank's RNG states) and ends the
-    process through STOP.finish(). Returns the last epoch's record.
+    process through STOP.finish(). A collective that times out ends it with one line naming the
+    rank. Returns the last epoch's record.
     """
+    try:
+        return _fit(run, start, best)
+    except RuntimeError as exc:
+        text = str(exc)
+        if not is_distributed() or not any(word in text.lower() for word in ("timed out", "timeout")):
+            raise
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)[:200]
+        raise CollectiveTimeoutError(f"rank {run.dist.rank}: a collective operation did not complete within "
+                                     f"--dist_timeout {run.args.dist_timeout:g} min ({first}): another rank is "
+                                     f"stuck or dead; the last checkpoint is intact, rerun to resume") from None
+
+
+def _fit(run: Run, start: ResumePoint, best: float) -> dict:
     args, task, dist = run.args, run.task, run.dist
     STOP.install()
     steps_per_epoch = len(run.loader)

@@ -118,7 +118,7 @@ class ClassifierSetup:
 
     def __init__(self, args, train_transform: Callable | None) -> None:
         self.args = args
-        self.dist, self.device = start_process(args.device, args.dist_url)
+        self.dist, self.device = start_process(args.device, args.dist_url, args.dist_timeout)
         check_common(args)
         args.input_size = build_classifier(args, 1).patch_embed.img_size[0]
         weights = args.finetune or (args.resume if args.eval else None)

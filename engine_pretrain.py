@@ -17,12 +17,13 @@ from engine import Timer, no_timer
 from models_hpm import HPMTeacher, MaskedAutoencoderHPM
 from util.args import data_parser, model_parser, runtime_parser, training_parser
 from util.errors import UserError
+from util.checkpoint import file_sha256
 from util.colormap import heat_colors, normalise_per_image
 from util.gpu_augment import GpuPretrainAugment
 from util.masking import mask_policy
 from util.normalization import IMAGENET, Stats
 from util.patches import gather_patches
-from util.targets import FrozenTarget, file_sha256
+from util.targets import FrozenTarget
 from util.precision import autocast
 
 

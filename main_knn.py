@@ -54,7 +54,7 @@ def extract(model: torch.nn.Module, dataset, dist_info: DistInfo, args, device, 
 
 
 def main(args: argparse.Namespace) -> None:
-    dist_info, device = start_process(args.device, args.dist_url)
+    dist_info, device = start_process(args.device, args.dist_url, args.dist_timeout)
     if args.batch_size < 1 or min(args.nb_knn) < 1:
         raise UserError("--batch_size and every --nb_knn value must be at least 1")
     output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)

@@ -65,7 +65,7 @@ def pretraining_stats(args: argparse.Namespace, dataset) -> Stats:
 
 def main(args: argparse.Namespace) -> PretrainTask:
     """Pretrain; returns the task (its `student` and `teacher`) for programmatic use."""
-    dist_info, device = start_process(args.device, args.dist_url)
+    dist_info, device = start_process(args.device, args.dist_url, args.dist_timeout)
     args.world_size = dist_info.world_size
     check_args(args)
     if args.experiment:

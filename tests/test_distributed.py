@@ -101,3 +101,68 @@ def test_slurm_without_slurm_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(UserError, match="--cluster local"):
         make_executor(_launcher_args("--job_dir", str(tmp_path)), "x")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_a_stuck_rank_ends_the_run_with_a_message_instead_of_a_hang(tmp_path):
+    """Rank 1 hangs after its third step (fault injection); rank 0's next collective times out
+    after --dist_timeout (0.25 min) and the run ends, naming the rank, instead of waiting forever."""
+    env = {**ENV, "HPM_FAULT": "point=step,at=3,action=hang,rank=1"}
+    cmd = [TORCHRUN or "torchrun", "--standalone", "--nproc_per_node=2", "main_pretrain.py", "--epochs", "1",
+           "--batch_size", "16", "--num_workers", "0", "--dist_timeout", "0.25", "--output_dir", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert res.returncode != 0
+    assert "error: rank 0: a collective operation did not complete within --dist_timeout 0.25 min" in res.stderr, \
+        res.stderr[-3000:]
+
+
+ELASTIC = ["main_pretrain.py", "--epochs", "2", "--batch_size", "32", "--num_workers", "0", "--save_every", "1",
+           "--print_freq", "4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    res = _torchrun(*ELASTIC, "--output_dir", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return load_file(out / "checkpoint-last.pth")
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    for part in ("model", "teacher"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_torchrun_restarts_after_a_rank_is_killed_and_ends_like_an_uninterrupted_run(tmp_path, uninterrupted):
+    """SIGKILL of rank 1 in the middle of epoch 1 (its 30th step); torchrun --max-restarts brings
+    both ranks back from checkpoint-last.pth (end of epoch 0) and the run ends bit-identical."""
+    env = {**ENV, "HPM_FAULT": f"point=step,at=30,action=SIGKILL,rank=1,once={tmp_path / 'fired'}"}
+    cmd = [TORCHRUN or "torchrun", "--standalone", "--nproc_per_node=2", "--max-restarts", "1", *ELASTIC,
+           "--output_dir", str(tmp_path / "out")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "fired").exists() and "resumed from" in res.stdout and "at epoch 1" in res.stdout
+    _assert_same_weights(uninterrupted, load_file(tmp_path / "out" / "checkpoint-last.pth"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_torchrun_stop_mid_epoch_and_resume_restores_every_ranks_rng(tmp_path, uninterrupted):
+    """SIGTERM to rank 0 at its 27th step (epoch 1); both ranks save and stop at the next common
+    step; the rerun restores each rank's own RNG states and ends bit-identical."""
+    out = tmp_path / "out"
+    stopped = subprocess.run([TORCHRUN or "torchrun", "--standalone", "--nproc_per_node=2", *ELASTIC,
+                              "--output_dir", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600,
+                             env={**ENV, "HPM_FAULT": "point=step,at=27,action=SIGTERM,rank=0"})
+    assert stopped.returncode != 0 and "SIGTERM: saved epoch 1 at step" in stopped.stdout, stopped.stderr[-3000:]
+    ckpt = load_file(out / "checkpoint-last.pth")
+    assert ckpt["next_epoch"] == 1 and ckpt["next_step"] > 0 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["generators"][0], ckpt["rng"][1]["generators"][0])
+    resumed = _torchrun(*ELASTIC, "--output_dir", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_weights(uninterrupted, load_file(out / "checkpoint-last.pth"))

@@ -176,3 +176,54 @@ def test_corrupt_jpeg_is_skipped_with_a_warning_when_asked(tmp_path):
     res = run_script("main_pretrain.py", *common, "--bad_images", "skip", "--output_dir", str(tmp_path / "b"))
     assert res.returncode == 0, res.stderr
     assert "skipped:" in res.stdout and "broken.jpg" in res.stdout and "skipped in this process" in res.stdout
+
+
+def _cluster_common(tmp_path):
+    make_image_folder(tmp_path / "data", classes=2, per_class=8, size=32)
+    out = tmp_path / "out"
+    return out, ["--data_path", str(tmp_path / "data"), "--output_dir", str(out), "--batch_size", "8",
+                 "--num_workers", "0", "--save_every", "1", "--print_freq", "50"]
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_stops_or_retries(tmp_path):
+    """ENOSPC injected at the third checkpoint write (checkpoint-last.pth after epoch 1)."""
+    out, common = _cluster_common(tmp_path)
+    full_disk = {"HPM_FAULT": "point=write,at=3,action=oserror"}
+    res = run_script("main_pretrain.py", *common, "--epochs", "3", env=full_disk)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(err) == 1, res.stderr
+    assert f"saving a checkpoint in {out} failed" in err[0] and "MiB are free" in err[0] and "--save_retry" in err[0]
+    assert not _temp_files(out) and not list(out.glob(".*.tmp"))
+    assert load_file(out / "checkpoint-last.pth")["next_epoch"] == 1
+    assert _checksum_ok(out / "checkpoint-last.pth")
+    retried = tmp_path / "retry"
+    res = run_script("main_pretrain.py", *common, "--epochs", "3", "--save_retry", "--output_dir", str(retried),
+                     env=full_disk)
+    assert res.returncode == 0, res.stderr
+    assert "training goes on (--save_retry)" in res.stdout
+    assert load_file(retried / "checkpoint-last.pth")["next_epoch"] == 3
+
+
+def _checksum_ok(path) -> bool:
+    from util.checkpoint import checksum_path, file_sha256
+    return checksum_path(path).read_text().split()[0] == file_sha256(path)
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path):
+    out, common = _cluster_common(tmp_path)
+    assert run_script("main_pretrain.py", *common, "--epochs", "2").returncode == 0
+    last = out / "checkpoint-last.pth"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                  # a flipped bit in the middle
+    last.write_bytes(bytes(data))
+    res = run_script("main_pretrain.py", *common, "--epochs", "2", "--resume", str(last))
+    assert res.returncode == 2 and "SHA-256 differs" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = run_script("main_pretrain.py", *common, "--epochs", "3")
+    assert res.returncode == 0, res.stderr
+    assert f"{last} is damaged" in res.stdout and f"resuming from {out / 'checkpoint-1.pth'}" in res.stdout
+    assert "at epoch 2" in res.stdout and load_file(last)["next_epoch"] == 3
+    for path in out.glob("checkpoint-*.pth"):                     # every file damaged: an error, not a fresh start
+        path.write_bytes(path.read_bytes()[:1000])
+    res = run_script("main_pretrain.py", *common, "--epochs", "4")
+    assert res.returncode == 2 and "every checkpoint there is damaged" in res.stderr

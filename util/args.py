@@ -63,6 +63,9 @@ def runtime_parser() -> argparse.ArgumentParser:
                         "scaler; fp32 on CPU")
     g.add_argument("--seed", type=int, default=0, help="seed of every random number generator")
     g.add_argument("--dist_url", type=str, default="env://", help="process-group init method (torchrun sets env://)")
+    g.add_argument("--dist_timeout", type=float, default=30.0,
+                   help="minutes a collective may take before the process stops with an error naming its rank "
+                        "(a stuck or dead rank), instead of waiting forever")
     return p
 
 
@@ -108,6 +111,9 @@ def training_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_dir", type=str, default=None, help="tensorboard events (default: output_dir)")
     g.add_argument("--save_every", type=int, default=20, help="also keep checkpoint-<epoch>.pth every N epochs")
     g.add_argument("--print_freq", type=int, default=20, help="log every N steps (the only host syncs)")
+    g.add_argument("--save_retry", action="store_true",
+                   help="when a checkpoint cannot be written (disk full), warn and keep training, retrying at the "
+                        "next save, instead of stopping")
     g.add_argument("--resume", type=str, default=None, help="checkpoint to resume from")
     g.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
                    help="resume from output_dir/checkpoint-last.pth when it exists")

@@ -1,5 +1,7 @@
 """Checkpoint IO: atomic, versioned saves and safe (`weights_only`) loads of every known format."""
 import argparse
+import hashlib
+import logging
 import os
 import pickle
 import tempfile
@@ -13,6 +15,8 @@ import torch
 from util.errors import UserError
 from util.faults import fault_point
 
+log = logging.getLogger("hpm")
+
 CHECKPOINT_VERSION = 1
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -21,27 +25,73 @@ FORMAT_FINETUNE = "hpm-finetune"
 FORMAT_LINPROBE = "hpm-linprobe"
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fault_point("write")
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        fault_point("save")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksum_path(path: Path) -> Path:
+    """The sidecar holding a checkpoint's SHA-256, in `sha256sum` format (`sha256sum -c` checks it)."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _write_replace(path: Path, write, fault: str | None = None) -> None:
+    """`write(f)` into a temporary file in the same directory, fsync, then rename over `path`; the
+    temporary file is removed on any failure. `fault`: the fault-injection point before the rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        if fault:
+            fault_point(fault)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same directory, fsync, rename over `path`, then write
+    the file's SHA-256 beside it (`<name>.sha256`) the same way."""
+    path = Path(path)
+
+    def write_payload(f) -> None:
+        fault_point("write")
+        torch.save(obj, f)
+
+    _write_replace(path, write_payload, fault="save")
+    digest = file_sha256(path)
+    _write_replace(checksum_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    _fsync_dir(path.parent)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (damaged: its checksum differs, or unreadable), or None."""
+    sidecar = checksum_path(path)
+    if sidecar.is_file():
+        expected = sidecar.read_text().split()[0] if sidecar.read_text().split() else ""
+        if file_sha256(path) != expected:
+            return f"its SHA-256 differs from {sidecar.name} (the file was changed or cut short)"
+        return None
+    try:
+        load_file(path, "--resume", mmap=True)
+    except UserError as exc:
+        return str(exc).split(": ", 1)[-1]
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -240,18 +290,45 @@ def resume_training(path: Path, fmt: str, model_name: str, states: dict[str, Any
     return ckpt
 
 
+def _numbered(output_dir: Path) -> list[Path]:
+    """checkpoint-<epoch>.pth files, newest first."""
+    found = [p for p in output_dir.glob("checkpoint-*.pth") if p.stem.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.stem.split("-", 1)[1]), reverse=True)
+
+
 def find_resume(resume: str | None, auto_resume: bool, output_dir: Path) -> Path | None:
-    """--resume if given, else output_dir/checkpoint-last.pth when auto-resuming and it exists.
+    """--resume if given (a damaged file is an error); else, when auto-resuming, the newest intact
+    checkpoint of output_dir: checkpoint-last.pth, or (with a warning naming both files) the newest
+    numbered one that passes its checksum. Existing checkpoints that are all damaged are an error,
+    never a silent start from scratch.
 
     Also removes the temporary files of saves that a killed run left behind (they are never
     read: a checkpoint only appears under its name once it is complete).
     """
-    for stale in Path(output_dir).glob(".checkpoint-*.tmp"):
+    output_dir = Path(output_dir)
+    for stale in output_dir.glob(".checkpoint-*.tmp"):
         stale.unlink(missing_ok=True)
     if resume:
-        return Path(resume)
-    last = Path(output_dir) / "checkpoint-last.pth"
-    return last if auto_resume and last.is_file() else None
+        path = Path(resume)
+        problem = checkpoint_problem(path) if path.is_file() else None
+        if problem is not None:
+            raise UserError(f"--resume {path}: {problem}; use an intact copy or another checkpoint")
+        return path
+    if not auto_resume:
+        return None
+    candidates = [p for p in [output_dir / "checkpoint-last.pth", *_numbered(output_dir)] if p.is_file()]
+    first_problem = None
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if first_problem is not None:
+                log.warning(f"{candidates[0]} is damaged ({first_problem}); resuming from {path} instead")
+            return path
+        first_problem = first_problem or problem
+    if candidates:
+        raise UserError(f"--output_dir {output_dir}: every checkpoint there is damaged ({candidates[0].name}: "
+                        f"{first_problem}); restore one from a copy, or pass --no-auto_resume to start afresh")
+    return None
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """Process-group plumbing: torchrun (env://), plain single process; NCCL on GPUs, gloo on CPU."""
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -27,8 +28,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def init_distributed(device: torch.device, dist_url: str = "env://") -> tuple[DistInfo, torch.device]:
-    """Join the process group that the launcher described in the environment, if any."""
+def init_distributed(device: torch.device, dist_url: str = "env://",
+                     timeout_min: float = 30.0) -> tuple[DistInfo, torch.device]:
+    """Join the process group that the launcher described in the environment, if any. A collective
+    that does not complete within `timeout_min` minutes raises instead of waiting forever (NCCL:
+    with its asynchronous error handling)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo(), device
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
@@ -36,9 +40,27 @@ def init_distributed(device: torch.device, dist_url: str = "env://") -> tuple[Di
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=dist_url,
-                                world_size=info.world_size, rank=info.rank)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_min)
+        store = _restart_store(dist_url, info.world_size, timeout)
+        if store is not None:
+            dist.init_process_group(backend, store=store, world_size=info.world_size, rank=info.rank, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method=dist_url, world_size=info.world_size, rank=info.rank,
+                                    timeout=timeout)
     return info, device
+
+
+def _restart_store(dist_url: str, world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, a store of its own for each restart round (`--max-restarts`): the elastic
+    agent's store outlives a round, and a restarted round that read the previous round's gloo
+    addresses from it would connect to ranks that are gone."""
+    if dist_url != "env://" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"hpm/round_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
 
 
 def is_distributed() -> bool:

@@ -25,8 +25,8 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def start_process(device_name: str, dist_url: str = "env://") -> tuple[DistInfo, torch.device]:
-    info, device = init_distributed(resolve_device(device_name), dist_url)
+def start_process(device_name: str, dist_url: str = "env://", timeout_min: float = 30.0) -> tuple[DistInfo, torch.device]:
+    info, device = init_distributed(resolve_device(device_name), dist_url, timeout_min)
     setup_logging(info.is_main)
     if device.type == "cpu":
         retain_freed_memory()

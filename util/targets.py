@@ -1,7 +1,6 @@
 """Frozen external ViTs whose features replace pixels as the reconstruction target (`--target
 clip|dino`, the reference's `--learn_feature_loss`): every token after the final norm (CLIP: and
 its projection to 512-d), class token dropped, from a local weights file (no download)."""
-import hashlib
 from pathlib import Path
 
 import timm
@@ -13,14 +12,6 @@ from util.checkpoint import clean_state_dict, load_file
 from util.errors import UserError
 
 DEFAULT_MODELS = {"clip": "vit_base_patch16_clip_224.openai", "dino": "vit_base_patch16_224.dino"}
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_state(path: Path) -> dict:
