@@ -99,8 +99,8 @@ def build_target(args: argparse.Namespace) -> tuple[FrozenTarget | None, int | N
 
 
 class PretrainTask:
-    """HPM (a teacher chooses the masks) or MAE (no teacher, a mask policy does); the target is
-    pixels, or features of the EMA teacher (`ema`) or of a frozen model (`clip`, `dino`)."""
+    """HPM (a teacher chooses the masks) or MAE (no teacher, a mask policy does); what is
+    reconstructed: pixels, or features of the EMA teacher (`ema`) or of a frozen model (`clip`, `dino`)."""
 
     objective = "total"
     finite_losses = {"recon": "reconstruction", "loss_pred": "loss-prediction"}
