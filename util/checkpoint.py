@@ -83,8 +83,7 @@ def checkpoint_problem(path: Path) -> str | None:
     """Why `path` cannot be resumed from (damaged: its checksum differs, or unreadable), or None."""
     sidecar = checksum_path(path)
     if sidecar.is_file():
-        expected = sidecar.read_text().split()[0] if sidecar.read_text().split() else ""
-        if file_sha256(path) != expected:
+        if file_sha256(path) != (sidecar.read_text().split() or [""])[0]:
             return f"its SHA-256 differs from {sidecar.name} (the file was changed or cut short)"
         return None
     try:
