@@ -5,6 +5,8 @@ One batch: loader -> `PretrainTask.forward` -> the teacher's mask (HPM) or the m
 -> the student (models_hpm) -> its losses -> the loop's optimizer step -> the teacher's update.
 """
 import argparse
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -15,7 +17,7 @@ from timm.optim import param_groups_weight_decay
 import models_hpm
 from engine import Timer, no_timer
 from models_hpm import HPMTeacher, MaskedAutoencoderHPM
-from util.args import data_parser, model_parser, runtime_parser, training_parser
+from util.args import check_common, data_parser, make_parser, model_parser, runtime_parser, training_parser
 from util.errors import UserError
 from util.checkpoint import file_sha256
 from util.colormap import heat_colors, normalise_per_image
@@ -23,6 +25,7 @@ from util.gpu_augment import GpuPretrainAugment
 from util.masking import mask_policy
 from util.normalization import IMAGENET, Stats
 from util.patches import gather_patches
+from util.schedules import teacher_decay, teacher_decay_per_step
 from util.targets import FrozenTarget
 from util.precision import autocast
 
@@ -40,6 +43,14 @@ def hpm_parser() -> argparse.ArgumentParser:
                    help="HPM: loss predictor + EMA teacher choosing hard patches; off = MAE baseline")
     g.add_argument("--relative", action=argparse.BooleanOptionalAction, default=True,
                    help="relative (ranking) loss-prediction objective; off = absolute (MSE) objective")
+    g.add_argument("--teacher_decay_unit", choices=["epoch", "step"], default="epoch",
+                   help="the EMA teacher's decay: epoch = the reference's, 0.999 per step rising to 0.9999 over 100 "
+                        "epochs whatever an epoch's length; step = the same shape with the EMA half-life measured in "
+                        "epochs (--teacher_half_life), so that it scales with the steps per epoch: for short runs "
+                        "and small datasets")
+    g.add_argument("--teacher_half_life", type=float, default=None,
+                   help="with --teacher_decay_unit step: the teacher's EMA half-life at epoch 0, in epochs "
+                        "(default: 1, what the reference's 0.999 per step is on ImageNet)")
     g.add_argument("--mask_regular", action="store_true", help="MAE mode: UM-MAE 2x2 regular mask")
     g.add_argument("--mask_block", action="store_true", help="MAE mode: one visible square, the rest masked")
     g.add_argument("--vis_mask_ratio", type=float, default=0.0,
@@ -68,6 +79,37 @@ def pretrain_parents() -> list[argparse.ArgumentParser]:
             training_parser(), runtime_parser(), hpm_parser()]
 
 
+def pretrain_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """main_pretrain.py's parser (also what main_ablation.py passes through to every run)."""
+    return make_parser("HPM pretraining", pretrain_parents(), add_help, blr=1.5e-3, epochs=40, warmup_epochs=5,
+                       clip_grad=5.0)
+
+
+def check_pretrain_args(args: argparse.Namespace) -> None:
+    """What main_pretrain checks before touching anything: each failure is one line naming the flag."""
+    check_common(args)
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise UserError(f"--mask_ratio {args.mask_ratio} must lie in (0, 1), e.g. 0.75")
+    if not 0.0 <= args.vis_mask_ratio < 1.0:
+        raise UserError(f"--vis_mask_ratio {args.vis_mask_ratio} must lie in [0, 1)")
+    if args.learning_loss and (args.mask_regular or args.mask_block):
+        raise UserError("--mask_regular/--mask_block choose the MAE baseline's mask, but HPM's masks come "
+                        "from its teacher: add --no-learning_loss, or drop the mask flag")
+    if args.teacher_half_life is not None and args.teacher_decay_unit != "step":
+        raise UserError("--teacher_half_life sets the half-life of --teacher_decay_unit step: add "
+                        "--teacher_decay_unit step, or drop --teacher_half_life")
+    if args.teacher_half_life is not None and args.teacher_half_life <= 0:
+        raise UserError(f"--teacher_half_life {args.teacher_half_life} must be positive (in epochs, e.g. 1)")
+    if args.teacher_decay_unit == "step" and not has_teacher(args):
+        raise UserError("--teacher_decay_unit step sets the EMA teacher's schedule, but MAE with pixel targets has "
+                        "no teacher: drop it, or use HPM (--learning_loss) or --target ema")
+    if args.mask_regular and args.mask_block:
+        raise UserError("--mask_regular and --mask_block exclude each other: pick one")
+    if args.mask_regular and args.mask_ratio != 0.75:
+        raise UserError(f"--mask_regular keeps one patch of each 2x2 cell, so it needs --mask_ratio 0.75 "
+                        f"(got {args.mask_ratio})")
+
+
 def build_student(args: argparse.Namespace, target_dim: int | None = None) -> MaskedAutoencoderHPM:
     kwargs = dict(mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss, learning_loss=args.learning_loss,
                   relative=args.relative, vis_mask_ratio=args.vis_mask_ratio, target_dim=target_dim)
@@ -79,9 +121,24 @@ def build_student(args: argparse.Namespace, target_dim: int | None = None) -> Ma
         raise UserError(str(exc)) from None
 
 
+def has_teacher(args: argparse.Namespace) -> bool:
+    """HPM's teacher chooses the masks; an EMA teacher also gives `--target ema`'s features."""
+    return args.learning_loss or args.target == "ema"
+
+
 def mask_kind(args: argparse.Namespace) -> str:
     """The MAE baseline's mask policy, from its flags (HPM's masks come from the teacher)."""
     return "regular" if args.mask_regular else "block" if args.mask_block else "random"
+
+
+def teacher_schedule(args: argparse.Namespace, steps_per_epoch: int | None) -> Callable[[int], float]:
+    """Epoch -> the teacher's EMA decay per optimizer step, as --teacher_decay_unit chooses."""
+    if args.teacher_decay_unit == "epoch":
+        return teacher_decay
+    if steps_per_epoch is None:
+        raise ValueError("--teacher_decay_unit step needs the number of optimizer steps per epoch")
+    return partial(teacher_decay_per_step, steps_per_epoch=max(steps_per_epoch, 1),
+                   half_life_epochs=args.teacher_half_life or 1.0)
 
 
 def build_target(args: argparse.Namespace) -> tuple[FrozenTarget | None, int | None]:
@@ -108,11 +165,14 @@ class PretrainTask:
 
     def __init__(self, student: MaskedAutoencoderHPM, args: argparse.Namespace, device: torch.device,
                  amp_dtype: torch.dtype | None, world_size: int = 1, preview: torch.Tensor | None = None,
-                 stats: Stats = IMAGENET, frozen_target: FrozenTarget | None = None) -> None:
+                 stats: Stats = IMAGENET, frozen_target: FrozenTarget | None = None,
+                 steps_per_epoch: int | None = None) -> None:
+        """`steps_per_epoch`: optimizer steps per epoch (what --teacher_decay_unit step scales with)."""
         self.student = student
         self.hpm, self.target = args.learning_loss, args.target
-        needs_teacher = args.learning_loss or args.target == "ema"
-        self.teacher = HPMTeacher(student, args.epochs, args.compile) if needs_teacher else None
+        self.teacher = None
+        if has_teacher(args):
+            self.teacher = HPMTeacher(student, args.epochs, args.compile, teacher_schedule(args, steps_per_epoch))
         self.frozen_target = frozen_target.to(device) if frozen_target is not None else None
         try:
             self.mask_policy = mask_policy(mask_kind(args), student.grid_size, student.num_masked)

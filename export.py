@@ -28,7 +28,7 @@ FORMATS = ("mae", "timm", "hf")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Export an encoder", formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description="Export an encoder", formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a pretraining checkpoint (ours, the reference HPM's, MAE's) or a fine-tuned one")
     p.add_argument("--teacher", action="store_true", help="export the EMA teacher instead of the student")

@@ -9,8 +9,9 @@ from torchvision import transforms
 from torch.utils.tensorboard import SummaryWriter
 
 from engine import Run, fit
-from engine_pretrain import PretrainTask, build_student, build_target, make_optimizer, pretrain_parents
-from util.args import check_common, check_output_dir, make_parser
+from engine_pretrain import (PretrainTask, build_student, build_target, check_pretrain_args, make_optimizer,
+                             pretrain_args_parser)
+from util.args import check_output_dir
 from util.checkpoint import FORMAT_PRETRAIN, find_resume, load_file
 from util.data import build_dataset, eval_transform, pretrain_transform, train_loader, with_transform
 from util.distributed import cleanup
@@ -25,23 +26,7 @@ log = logging.getLogger("hpm")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    return make_parser("HPM pretraining", pretrain_parents(), add_help, blr=1.5e-3, epochs=40, warmup_epochs=5, clip_grad=5.0)
-
-
-def check_args(args: argparse.Namespace) -> None:
-    check_common(args)
-    if not 0.0 < args.mask_ratio < 1.0:
-        raise UserError(f"--mask_ratio {args.mask_ratio} must lie in (0, 1), e.g. 0.75")
-    if not 0.0 <= args.vis_mask_ratio < 1.0:
-        raise UserError(f"--vis_mask_ratio {args.vis_mask_ratio} must lie in [0, 1)")
-    if args.learning_loss and (args.mask_regular or args.mask_block):
-        raise UserError("--mask_regular/--mask_block choose the MAE baseline's mask, but HPM's masks come "
-                        "from its teacher: add --no-learning_loss, or drop the mask flag")
-    if args.mask_regular and args.mask_block:
-        raise UserError("--mask_regular and --mask_block exclude each other: pick one")
-    if args.mask_regular and args.mask_ratio != 0.75:
-        raise UserError(f"--mask_regular keeps one patch of each 2x2 cell, so it needs --mask_ratio 0.75 "
-                        f"(got {args.mask_ratio})")
+    return pretrain_args_parser(add_help)
 
 
 def pretraining_stats(args: argparse.Namespace, dataset) -> Stats:
@@ -67,7 +52,7 @@ def main(args: argparse.Namespace) -> PretrainTask:
     """Pretrain; returns the task (its `student` and `teacher`) for programmatic use."""
     dist_info, device = start_process(args.device, args.dist_url, args.dist_timeout)
     args.world_size = dist_info.world_size
-    check_args(args)
+    check_pretrain_args(args)
     if args.experiment:
         args.output_dir = str(Path(args.output_dir) / args.experiment)
         args.log_dir = str(Path(args.log_dir) / args.experiment) if args.log_dir else None
@@ -89,7 +74,8 @@ def main(args: argparse.Namespace) -> PretrainTask:
     if dist_info.is_main:
         view = with_transform(dataset, eval_transform(args.input_size, stats, crop_pct=1.0))
         preview = torch.stack([view[i][0] for i in range(min(8, len(view)))]).to(device)
-    task = PretrainTask(student, args, device, amp_dtype, dist_info.world_size, preview, stats, frozen_target)
+    task = PretrainTask(student, args, device, amp_dtype, dist_info.world_size, preview, stats, frozen_target,
+                        steps_per_epoch=len(loader) // args.accum_iter)
 
     output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)
     resume_path = find_resume(args.resume, args.auto_resume, output_dir)

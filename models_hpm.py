@@ -4,6 +4,7 @@ With `learning_loss=False` the loss predictor is not built and the network is pl
 State-dict keys follow the reference implementation, so its checkpoints load strictly.
 """
 import copy
+import re
 from contextlib import nullcontext
 from functools import partial
 from typing import Callable, ContextManager, NamedTuple
@@ -18,7 +19,7 @@ from util.masking import hard_patch_mask, num_masked_patches, random_mask
 from util.patches import gather_patches, patchify, unpatchify
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.registry import ModelRegistry
-from util.schedules import hard_patch_alpha, teacher_decay
+from util.schedules import ema_half_life, hard_patch_alpha, teacher_decay
 
 PRETRAIN_MODELS = ModelRegistry("pretraining")
 
@@ -228,9 +229,12 @@ class HPMTeacher:
     epoch (easy to hard), compilation and its state in checkpoints (`teacher`).
     """
 
-    def __init__(self, student: MaskedAutoencoderHPM, epochs: int, compile: bool = False) -> None:
+    def __init__(self, student: MaskedAutoencoderHPM, epochs: int, compile: bool = False,
+                 decay_schedule: Callable[[int], float] = teacher_decay) -> None:
+        """`decay_schedule`: epoch -> EMA decay per optimizer step (default: the reference's)."""
         self.model = copy.deepcopy(student).eval().requires_grad_(False)
         self.epochs = epochs
+        self.decay_schedule = decay_schedule
         self.num_masked = student.num_masked
         self.has_loss_predictor = student.learning_loss
         self._student_params = list(student.parameters())
@@ -238,7 +242,7 @@ class HPMTeacher:
         self._pass = torch.compile(self.model.teacher_pass) if compile else self.model.teacher_pass
 
     def decay(self, epoch: int) -> float:
-        return teacher_decay(epoch)
+        return self.decay_schedule(epoch)
 
     def alpha(self, epoch: int) -> float:
         """Share of the masked patches chosen as hard in `epoch`."""
@@ -248,7 +252,7 @@ class HPMTeacher:
         return int(self.num_masked * self.alpha(epoch)) if self.has_loss_predictor else 0
 
     def scalars(self, epoch: int) -> dict[str, float]:
-        values = {"teacher_decay": self.decay(epoch)}
+        values = {"teacher_decay": self.decay(epoch), "teacher_half_life_steps": ema_half_life(self.decay(epoch))}
         if self.has_loss_predictor:
             values["alpha"] = self.alpha(epoch)
         return values
@@ -325,3 +329,9 @@ def mae_vit_huge_patch14_dec512d8b(**kwargs) -> MaskedAutoencoderHPM:
 
 def create_pretrain_model(name: str, **kwargs) -> MaskedAutoencoderHPM:
     return PRETRAIN_MODELS.create(name, **kwargs)
+
+
+def encoder_name(pretrain_name: str) -> str:
+    """The classifier (models_vit) a pretraining model's encoder loads into: mae_vit_base_patch16 and
+    mae_vit_base_patch16_dec512d8b -> vit_base_patch16."""
+    return re.sub(r"_dec\d+d\d+b$", "", pretrain_name).removeprefix("mae_")

@@ -31,7 +31,7 @@ INCHES_PER_IMAGE, DPI = 2.0, 100
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("HPM figure", formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description="HPM figure", formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint (ours, the reference's, MAE's)")
     p.add_argument("--images", required=True, nargs="+", help="a folder of images, or image files (any size)")
     p.add_argument("--output", default="hpm_figure.png", help="the PNG to write")

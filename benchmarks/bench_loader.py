@@ -45,7 +45,7 @@ def images_per_second(args: argparse.Namespace, workers: int, device: torch.devi
 
 
 def main() -> None:
-    p = argparse.ArgumentParser("pretraining loader benchmark")
+    p = argparse.ArgumentParser(description="pretraining loader benchmark")
     p.add_argument("--data_path", required=True, help="ImageFolder root with train/")
     p.add_argument("--workers", type=int, nargs="+", default=[8, 16], help="worker counts to time")
     p.add_argument("--batch_size", type=int, default=256, help="images per batch")

@@ -12,7 +12,7 @@ from PIL import Image
 
 
 def main() -> None:
-    p = argparse.ArgumentParser("synthetic JPEG ImageFolder")
+    p = argparse.ArgumentParser(description="synthetic JPEG ImageFolder")
     p.add_argument("--root", required=True, help="folder to create (train/ and val/ inside)")
     p.add_argument("--train", type=int, default=4096, help="training images")
     p.add_argument("--val", type=int, default=512, help="validation images")

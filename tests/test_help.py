@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+import main_ablation
 import main_finetune
 import main_knn
 import main_linprobe
@@ -12,10 +13,15 @@ import models_hpm
 import models_vit
 
 SCRIPTS = {"main_pretrain": main_pretrain, "main_finetune": main_finetune, "main_linprobe": main_linprobe,
-           "main_knn": main_knn}
+           "main_knn": main_knn, "main_ablation": main_ablation}
 EXPECTED_FLAGS = {
     "main_pretrain": ("--no-learning_loss", "--no-relative", "--amp", "--mask_regular", "--mask_block",
-                      "--clip_grad", "--accum_iter", "--vis_mask_ratio", "--norm_pix_loss", "--compile"),
+                      "--clip_grad", "--accum_iter", "--vis_mask_ratio", "--norm_pix_loss", "--compile",
+                      "--teacher_decay_unit", "--teacher_half_life"),
+    # its own flags, and every main_pretrain flag it passes through
+    "main_ablation": ("--variants", "--variant", "--seeds", "--baseline", "--jobs", "--threads", "--cluster",
+                      "--knn_k", "--probe_epochs", "--eval_model", "--data_path", "--model", "--epochs",
+                      "--no-learning_loss", "--teacher_decay_unit", "--output_dir"),
     "main_finetune": ("--finetune", "--teacher", "--global_pool", "--cls_token", "--layer_decay", "--drop_path",
                       "--reprob", "--mixup", "--cutmix", "--smoothing", "--aa", "--eval", "--nb_classes",
                       "--model_ema"),

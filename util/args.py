@@ -20,7 +20,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def make_parser(description: str, parents: list[argparse.ArgumentParser], add_help: bool = True,
                 **defaults) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description, add_help=add_help, parents=parents, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=description, add_help=add_help, parents=parents, formatter_class=HelpFormatter)
     p.set_defaults(**defaults)
     return p
 
@@ -142,3 +142,30 @@ def check_output_dir(path: str, flag: str = "--output_dir") -> Path:
         raise UserError(f"{flag} {out}: cannot write there ({exc.strerror or exc}); choose a writable "
                         f"directory") from None
     return out
+
+
+def namespace_to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      skip: tuple[str, ...] = ()) -> list[str]:
+    """The shortest command line that `parser` parses back into `args`: each flag whose value differs
+    from its default, in the parser's order (so equal settings give equal commands). `skip`: dests left out."""
+    argv: list[str] = []
+    seen = set(skip)
+    for action in parser._actions:
+        if not action.option_strings or action.dest in seen or action.default == argparse.SUPPRESS:
+            continue
+        seen.add(action.dest)
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif action.nargs == 0:   # store_true / store_false / store_const
+            if value != action.const:
+                raise ValueError(f"{flag}: the value {value!r} cannot be written as a flag")
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv

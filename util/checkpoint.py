@@ -64,6 +64,11 @@ def _write_replace(path: Path, write, fault: str | None = None) -> None:
         raise
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replace `path` with `data` in one step: readers see the old file or the new one, never a part."""
+    _write_replace(Path(path), lambda f: f.write(data))
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same directory, fsync, rename over `path`, then write
     the file's SHA-256 beside it (`<name>.sha256`) the same way."""

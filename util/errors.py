@@ -10,7 +10,7 @@ class UserError(Exception):
 EXIT_USER_ERROR = 2
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the original message
         text = text.splitlines()[-1].split(": ", 1)[-1]
@@ -22,5 +22,5 @@ def run_cli(main: Callable[[], None]) -> None:
     try:
         main()
     except UserError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

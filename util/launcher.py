@@ -12,32 +12,39 @@ from pathlib import Path
 
 import submitit
 
+from util.args import HelpFormatter
 from util.errors import UserError
 from util.preemption import EXIT_PREEMPTED, STOP
 
 
-def launcher_parser(script_parser: argparse.ArgumentParser, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description, parents=[script_parser],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def cluster_parser(ngpus: int = 8, cluster: str | None = "slurm") -> argparse.ArgumentParser:
+    """SLURM resources and the executor; `cluster` None: the caller's default is to run without submitit."""
+    p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("submitit / SLURM")
-    g.add_argument("--ngpus", type=int, default=8, help="GPUs (and tasks) per node; 0 for CPU tasks")
+    g.add_argument("--ngpus", type=int, default=ngpus, help="GPUs (and tasks) per node; 0 for CPU tasks")
     g.add_argument("--ntasks_per_node", type=int, default=None, help="tasks per node (default: --ngpus, or 1)")
-    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--nodes", type=int, default=1, help="nodes per job")
     g.add_argument("--timeout", type=float, default=4320, help="job duration in minutes")
     g.add_argument("--job_dir", type=str, default="./job_dir/%j", help="submitit logs; %%j is the job id")
-    g.add_argument("--partition", type=str, default=None)
+    g.add_argument("--partition", type=str, default=None, help="SLURM partition")
     g.add_argument("--use_volta32", action="store_true", help="ask for 32 GB V100s (constraint volta32gb)")
-    g.add_argument("--constraint", type=str, default=None)
-    g.add_argument("--account", type=str, default=None)
-    g.add_argument("--qos", type=str, default=None)
-    g.add_argument("--comment", type=str, default=None)
-    g.add_argument("--cpus_per_task", type=int, default=10)
+    g.add_argument("--constraint", type=str, default=None, help="SLURM constraint")
+    g.add_argument("--account", type=str, default=None, help="SLURM account")
+    g.add_argument("--qos", type=str, default=None, help="SLURM quality of service")
+    g.add_argument("--comment", type=str, default=None, help="SLURM comment")
+    g.add_argument("--cpus_per_task", type=int, default=10, help="CPU cores per task")
     g.add_argument("--mem_gb", type=int, default=None, help="memory per node (default: 40 GB per GPU)")
     g.add_argument("--signal_delay_s", type=int, default=120,
                    help="seconds before the time limit at which the job is told to save and requeue")
-    g.add_argument("--cluster", choices=["slurm", "local", "debug"], default="slurm",
-                   help="local/debug run the same job on this machine without SLURM")
+    where = "local/debug run the same job on this machine without SLURM"
+    g.add_argument("--cluster", choices=["slurm", "local", "debug"], default=cluster,
+                   help=where if cluster else f"submit through submitit (default: run here without it); {where}")
     return p
+
+
+def launcher_parser(script_parser: argparse.ArgumentParser, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, parents=[script_parser, cluster_parser()],
+                                   formatter_class=HelpFormatter)
 
 
 class Trainer:
