@@ -124,8 +124,13 @@ class Stage:
     def records(self) -> list[dict]:
         if not self.log_file.is_file():
             return []
-        lines = self.log_file.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        records = []
+        for line in self.log_file.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:   # a line cut short by a crash: that epoch reruns
+                continue
+        return records
 
     def done(self) -> bool:
         records = self.records()
@@ -191,6 +196,9 @@ def plan_runs(args: argparse.Namespace, variants: dict[str, str], root: Path) ->
     for variant, flags in variants.items():
         variant_args = raising_parser(pretrain_args_parser(add_help=False), f"variant {variant} ({flags!r})")
         run_args = variant_args.parse_args(shlex.split(flags), namespace=copy.deepcopy(base))
+        per_run = [dest for dest in PER_RUN_DESTS if getattr(run_args, dest) != getattr(base, dest)]
+        if per_run:
+            raise UserError(f"variant {variant}: --{per_run[0]} is set by the ablation for each run; drop it")
         try:
             check_pretrain_args(run_args)
         except UserError as exc:
@@ -328,8 +336,7 @@ def run_here(runs: list[PlannedRun], jobs: int, threads: int) -> dict[str, str]:
 
 def run_on_cluster(runs: list[PlannedRun], args: argparse.Namespace, threads: int) -> dict[str, str]:
     """One submitit job per run; waits for them all."""
-    args.ntasks_per_node = 1
-    executor = make_executor(args, "hpm_ablation")
+    executor = make_executor(argparse.Namespace(**{**vars(args), "ntasks_per_node": 1}), "hpm_ablation")
     submitted = [(run, executor.submit(AblationJob(run, threads))) for run in runs]
     for run, job in submitted:
         log.info(f"{run.name}: job {job.job_id}")
@@ -368,7 +375,7 @@ def write_results(root: Path, runs: list[PlannedRun], variants: dict[str, str], 
     evaluation = runs[0].identity["evaluation"]
     results = {"version": RESULTS_VERSION, "baseline": baseline, "variants": variants, "seeds": args.seeds,
                "evaluation": evaluation, "summary": summary, "runs": finished,
-               "command": shlex.join(["python", "main_ablation.py", *sys.argv[1:]]) if sys.argv[1:] else None}
+               "command": shlex.join(["python", "main_ablation.py", *namespace_to_argv(get_args_parser(), args)])}
     write_bytes_atomic(root / "results.json", (json.dumps(results, indent=1) + "\n").encode())
     text = [f"# Ablation: {', '.join(names)} (baseline {baseline})", "",
             markdown_table(summary, variants, baseline),
@@ -376,7 +383,8 @@ def write_results(root: Path, runs: list[PlannedRun], variants: dict[str, str], 
             f"over seeds, t = mean / (std / √n). Top-1 on the validation split after the last epoch: "
             f"{evaluation['knn_k']}-NN on fp32 features, linear probe {evaluation['probe_epochs']} epochs "
             f"({evaluation['probe_optimizer']}, blr {evaluation['probe_blr']}, batch "
-            f"{evaluation['probe_batch_size']}); evaluation seed {evaluation['eval_seed']}. Commands: results.json.", ""]
+            f"{evaluation['probe_batch_size']}); evaluation seed {evaluation['eval_seed']}. Every run's commands: "
+            f"results.json.", "", f"`{results['command']}`", ""]
     write_bytes_atomic(root / "results.md", "\n".join(text).encode())
     if importlib.util.find_spec("matplotlib") is not None:
         curves = {v: {r["seed"]: r["recon_curve"] for r in finished if r["variant"] == v} for v in names}

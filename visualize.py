@@ -8,9 +8,8 @@ Needs matplotlib (requirements-dev.txt).
 """
 import argparse
 import importlib.util
+import io
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ import torch
 import models_hpm
 from engine_pretrain import reconstruction_rows
 from util.args import HelpFormatter
-from util.checkpoint import clean_state_dict, load_file, pick_state_dict
+from util.checkpoint import clean_state_dict, load_file, pick_state_dict, write_bytes_atomic
 from util.colormap import VIRIDIS_ANCHORS, normalise_per_image
 from util.data import IMG_EXTENSIONS, eval_transform, load_rgb
 from util.errors import UserError, run_cli
@@ -126,14 +125,10 @@ def draw(rows: list[torch.Tensor], heat: torch.Tensor | None, labels: list[str],
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".png", dir=output.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=DPI)
-        os.replace(tmp, output)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    plt.close(fig)
+    write_bytes_atomic(output, buffer.getvalue())
 
 
 @torch.no_grad()

@@ -103,6 +103,12 @@ def test_mean_std_and_paired_differences():
     assert summary["hpm"]["knn_teacher"] is None and "diff_knn" not in summary["mae"]
 
 
+def test_each_pretraining_model_names_its_classifier():
+    import models_vit
+    for name in models_hpm.PRETRAIN_MODELS.names():
+        assert models_hpm.encoder_name(name) in models_vit.CLASSIFIERS.names(), name
+
+
 def test_namespace_to_argv_round_trips():
     parser = pretrain_args_parser()
     for argv in ([], ["--no-learning_loss", "--norm_pix_loss", "--mean", "0.5", "0.4", "0.3", "--std", "1", "1", "1"],
@@ -111,6 +117,9 @@ def test_namespace_to_argv_round_trips():
         canonical = namespace_to_argv(parser, args)
         assert parser.parse_args(canonical) == args
         assert namespace_to_argv(parser, parser.parse_args(canonical)) == canonical
+    parser = main_ablation.get_args_parser()
+    args = parser.parse_args(["--variant", "a=--blr 1", "--variant", "b=", "--seeds", "3", "4", "--cluster", "local"])
+    assert parser.parse_args(namespace_to_argv(parser, args)) == args
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -120,6 +129,7 @@ def test_namespace_to_argv_round_trips():
     (["--variant", "broken=--mask_block"], "variant broken"),
     (["--variant", "typo=--mask_ration 0.5"], "variant typo"),
     (["--seed", "3"], "--seed"),
+    (["--variant", "seeded=--seed 4"], "variant seeded: --seed"),
     (["--resume", "x.pth"], "--resume"),
     (["--baseline", "hpm_abs"], "--baseline hpm_abs"),
     (["--cluster", "local", "--nodes", "2"], "--nodes 1"),
@@ -141,6 +151,7 @@ def _last(path):
     return json.loads(path.read_text().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_ablation_end_to_end_resumes_and_reports_what_the_runs_logged(tmp_path):
     data, out = tmp_path / "data", tmp_path / "ablation"
     make_image_folder(data, classes=2, per_class=12, split="train")
@@ -149,14 +160,20 @@ def test_ablation_end_to_end_resumes_and_reports_what_the_runs_logged(tmp_path):
               "--knn_k", "5", "--probe_epochs", "1", "--probe_batch_size", "8", "--output_dir", str(out),
               "--variants", "mae", "--variant", "hpm_step=--teacher_decay_unit step --teacher_half_life 0.5"]
 
-    # seed 0 here, two runs at once; then seed 1 added through submitit's local executor
-    first = run_script("main_ablation.py", *common, "--seeds", "0", "--jobs", "2")
-    assert first.returncode == 0, first.stderr + first.stdout
-    assert "0 finished, 2 to run" in first.stdout
+    # seed 0 here, two runs at once; one pretraining is stopped (SIGTERM) at its second step
+    stop = f"point=step,at=2,action=SIGTERM,once={tmp_path / 'stopped'}"
+    first = run_script("main_ablation.py", *common, "--seeds", "0", "--jobs", "2", env={"HPM_FAULT": stop})
+    assert first.returncode == 2 and "1 run(s) failed" in first.stderr, first.stderr + first.stdout
+    assert "pretrain did not finish (exit status 75" in first.stderr
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 1   # the other run is reported
+    stopped = next(v for v in ("mae", "hpm_step") if f"{v}/seed_0: pretrain" in first.stderr)
+
+    # seed 1 added, through submitit's local executor: the stopped run resumes mid-epoch
     second = run_script("main_ablation.py", *common, "--seeds", "0", "1", "--cluster", "local", "--ngpus", "0",
                         "--cpus_per_task", "1", "--job_dir", str(tmp_path / "jobs"))
     assert second.returncode == 0, second.stderr + second.stdout
-    assert "2 finished, 2 to run" in second.stdout and "job " in second.stdout
+    assert "1 finished, 3 to run" in second.stdout and "job " in second.stdout
+    assert "at epoch 0, step 2" in (out / stopped / "seed_0" / "logs" / "pretrain.log").read_text()
 
     # a third call trains and evaluates nothing: every file of every run stays as it was
     runs = {(v, s): out / v / f"seed_{s}" for v in ("mae", "hpm_step") for s in (0, 1)}

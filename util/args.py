@@ -164,6 +164,8 @@ def namespace_to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace,
             if value != action.const:
                 raise ValueError(f"{flag}: the value {value!r} cannot be written as a flag")
             argv.append(flag)
+        elif isinstance(action, argparse._AppendAction):   # repeatable: once per value
+            argv += [token for item in value for token in (flag, str(item))]
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
         else:

@@ -35,9 +35,10 @@ def fault_point(name: str) -> None:
     if _reached[name] != int(spec.get("at", 1)):
         return
     if "once" in spec:
-        if os.path.exists(spec["once"]):
+        try:   # created atomically: of processes reaching the point together, one fires
+            os.close(os.open(spec["once"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
             return
-        open(spec["once"], "w").close()
     action = spec.get("action", "SIGKILL")
     if action == "oserror":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -18,8 +18,8 @@ def teacher_decay_per_step(epoch: int, steps_per_epoch: int, half_life_epochs: f
     """The reference's schedule with its time unit changed from steps to epochs.
 
     The reference's 0.999 per step is an EMA half-life of ln 0.5 / ln 0.999 = 693 steps, about one
-    ImageNet epoch (625-1250 steps); with ~40 steps per epoch the same 0.999 leaves half of the
-    teacher's random initialisation in place after 17 epochs. Here the half-life is
+    ImageNet epoch (625-1250 steps); with 22 steps per epoch (the digits) the same 0.999 leaves
+    half of the teacher's random initialisation in place after 40 epochs. Here the half-life is
     `half_life_epochs` epochs at epoch 0 and grows as the reference's does (10x by epoch 100).
     """
     if steps_per_epoch < 1 or half_life_epochs <= 0:
