@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import submitit
 
@@ -269,15 +271,18 @@ def write_run_record(run: PlannedRun) -> None:
     write_bytes_atomic(run.directory / "run.json", (json.dumps(record, indent=1) + "\n").encode())
 
 
-def execute(run: PlannedRun, threads: int) -> str | None:
+def execute(run: PlannedRun, threads: int, started: Callable[[subprocess.Popen], None] = lambda process: None
+            ) -> str | None:
     """Run the stages still missing in one new Python process (imports paid once per run, not per
-    stage); returns None, or what failed and where its log is."""
+    stage); returns None, or what failed and where its log is. `started` gets the process."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     (run.directory / "logs").mkdir(parents=True, exist_ok=True)
     pending = [[s.name, s.script, s.argv, str(run.directory / "logs" / f"{s.name}.log")] for s in run.pending()]
     with open(run.directory / "logs" / "process.log", "a") as out:   # what happens outside the stages
-        code = subprocess.run([sys.executable, str(REPO / "main_ablation.py"), STAGES_ENTRY, json.dumps(pending)],
-                              env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        process = subprocess.Popen([sys.executable, str(REPO / "main_ablation.py"), STAGES_ENTRY, json.dumps(pending)],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+        started(process)
+        code = process.wait()
     unfinished = run.pending()
     if not unfinished and code == 0:
         return None
@@ -309,13 +314,28 @@ def run_stages(stages: list[list]) -> int:
 
 
 class AblationJob:
-    """One run as a submitit job; requeued (on preemption or timeout) it resumes where it stopped."""
+    """One run as a submitit job. On preemption or timeout (submitit's SIGUSR2) the run's process is
+    told to stop (SIGTERM: the script saves a mid-epoch checkpoint), then submitit requeues the
+    job, which resumes where it stopped."""
 
     def __init__(self, run: PlannedRun, threads: int) -> None:
         self.run, self.threads = run, threads
 
     def __call__(self) -> str | None:
-        return execute(self.run, self.threads)
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        running: list[subprocess.Popen] = []
+        preempted: list[tuple] = []
+
+        def stop(signum: int, frame) -> None:   # execute() is waiting on the process: no wait here
+            preempted.append((signum, frame))
+            for process in running:
+                process.send_signal(signal.SIGTERM)
+
+        signal.signal(signal.SIGUSR2, stop)
+        failure = execute(self.run, self.threads, started=running.append)
+        if preempted and callable(submitit_handler):
+            submitit_handler(*preempted[0])   # checkpoint(), requeue, exit
+        return failure
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(AblationJob(self.run, self.threads))

@@ -168,12 +168,19 @@ def test_ablation_end_to_end_resumes_and_reports_what_the_runs_logged(tmp_path):
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 1   # the other run is reported
     stopped = next(v for v in ("mae", "hpm_step") if f"{v}/seed_0: pretrain" in first.stderr)
 
-    # seed 1 added, through submitit's local executor: the stopped run resumes mid-epoch
+    # seed 1 added, one submitit job per run (local executor): the stopped run resumes mid-epoch, and
+    # one job is preempted (submitit's SIGUSR2 to the job at a pretraining step): its run saves
+    # mid-epoch, the job is requeued and resumes
+    preempt = f"point=step,at=2,action=SIGUSR2,to=parent,once={tmp_path / 'preempted'}"
     second = run_script("main_ablation.py", *common, "--seeds", "0", "1", "--cluster", "local", "--ngpus", "0",
-                        "--cpus_per_task", "1", "--job_dir", str(tmp_path / "jobs"))
+                        "--cpus_per_task", "1", "--job_dir", str(tmp_path / "jobs"), env={"HPM_FAULT": preempt})
     assert second.returncode == 0, second.stderr + second.stdout
     assert "1 finished, 3 to run" in second.stdout and "job " in second.stdout
     assert "at epoch 0, step 2" in (out / stopped / "seed_0" / "logs" / "pretrain.log").read_text()
+    assert (tmp_path / "preempted").exists()
+    # two mid-epoch resumes in all: the first call's stop, and the preempted job's (in whichever
+    # run's pretraining or probe reached the point first)
+    assert sum(p.read_text().count("at epoch 0, step 2") for p in out.glob("*/seed_*/logs/*.log")) == 2
 
     # a third call trains and evaluates nothing: every file of every run stays as it was
     runs = {(v, s): out / v / f"seed_{s}" for v in ("mae", "hpm_step") for s in (0, 1)}

@@ -4,7 +4,9 @@ instead of after a sleep.
 `HPM_FAULT="point=NAME,at=N,action=ACTION[,rank=R]"` makes the process act the N-th time (default
 1) it reaches point NAME (on rank R only, if given). Actions: a signal name (SIGKILL, SIGTERM,
 SIGUSR1, SIGUSR2, ...) sent to the process itself, `oserror` (raise ENOSPC) or `hang` (sleep for an
-hour). With `once=PATH` the fault fires only if PATH does not exist yet, and creates it (so a
+hour). With `to=parent` the signal goes to the parent process (e.g. the submitit job of an
+ablation run) and the process then waits for the parent's SIGTERM and handles it right there, so
+that the stop it asks for lands at this point. With `once=PATH` the fault fires only if PATH does not exist yet, and creates it (so a
 resumed or requeued process with the same environment runs on). Points: `step` (after each training micro-step), `save` (a checkpoint's temporary file is
 written, before it is renamed), `write` (just before a checkpoint's bytes are written).
 Without the variable every point is a no-op.
@@ -45,4 +47,15 @@ def fault_point(name: str) -> None:
     if action == "hang":
         time.sleep(3600)
         return
-    os.kill(os.getpid(), getattr(signal, action))
+    if spec.get("to") != "parent":
+        os.kill(os.getpid(), getattr(signal, action))
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        os.kill(os.getppid(), getattr(signal, action))
+        answered = signal.sigtimedwait({signal.SIGTERM}, 600) is not None
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    handler = signal.getsignal(signal.SIGTERM)
+    if answered and callable(handler):
+        handler(signal.SIGTERM, None)
