@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import queue
 import re
 import shlex
 import signal
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import submitit
+import torch
 
 import models_vit
 from engine_pretrain import check_pretrain_args, has_teacher, pretrain_args_parser
@@ -72,7 +74,8 @@ def ablation_parser() -> argparse.ArgumentParser:
     g.add_argument("--baseline", type=str, default=None,
                    help="the variant the others are compared with, seed by seed (default: mae if it runs, else "
                         "the first variant)")
-    g.add_argument("--jobs", type=int, default=1, help="runs at once on this machine (without --cluster)")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="runs at once on this machine (without --cluster), spread over its GPUs if it has any")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads of each run (default: this machine's cores / --jobs; with --cluster: "
                         "--cpus_per_task)")
@@ -271,11 +274,13 @@ def write_run_record(run: PlannedRun) -> None:
     write_bytes_atomic(run.directory / "run.json", (json.dumps(record, indent=1) + "\n").encode())
 
 
-def execute(run: PlannedRun, threads: int, started: Callable[[subprocess.Popen], None] = lambda process: None
-            ) -> str | None:
+def execute(run: PlannedRun, threads: int, started: Callable[[subprocess.Popen], None] = lambda process: None,
+            env: dict[str, str] | None = None) -> str | None:
     """Run the stages still missing in one new Python process (imports paid once per run, not per
-    stage); returns None, or what failed and where its log is. `started` gets the process."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    stage); returns None, or what failed and where its log is. `started` gets the process; `env`
+    adds to its environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+           **(env or {})}
     (run.directory / "logs").mkdir(parents=True, exist_ok=True)
     pending = [[s.name, s.script, s.argv, str(run.directory / "logs" / f"{s.name}.log")] for s in run.pending()]
     with open(run.directory / "logs" / "process.log", "a") as out:   # what happens outside the stages
@@ -341,12 +346,34 @@ class AblationJob:
         return submitit.helpers.DelayedSubmission(AblationJob(self.run, self.threads))
 
 
-def run_here(runs: list[PlannedRun], jobs: int, threads: int) -> dict[str, str]:
-    """Run on this machine, `jobs` at a time; returns run name -> failure."""
+def job_gpus(device: str) -> list[str]:
+    """The GPUs the runs here are spread over (--device auto or cuda): the visible ones."""
+    if device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [d for d in visible.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_here(runs: list[PlannedRun], jobs: int, threads: int, gpus: list[str]) -> dict[str, str]:
+    """Run on this machine, `jobs` at a time, job slot i on GPU gpus[i mod len(gpus)] (when there
+    are any); returns run name -> failure."""
+    slots: queue.Queue[int] = queue.Queue()
+    for slot in range(jobs):
+        slots.put(slot)
+
     def one(run: PlannedRun) -> tuple[str, str | None]:
+        slot = slots.get()
+        gpu = gpus[slot % len(gpus)] if gpus else None
+        env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+        where = f"GPU {gpu}, " if gpu is not None else ""
         started = time.time()
-        log.info(f"{run.name}: running {', '.join(s.name for s in run.pending())} ({threads} thread(s))")
-        failure = execute(run, threads)
+        log.info(f"{run.name}: running {', '.join(s.name for s in run.pending())} ({where}{threads} thread(s))")
+        try:
+            failure = execute(run, threads, env=env)
+        finally:
+            slots.put(slot)
         log.info(f"{run.name}: {'failed' if failure else 'done'} in {time.time() - started:.0f} s")
         return run.name, failure
 
@@ -439,7 +466,8 @@ def main(args: argparse.Namespace) -> dict:
         failures = run_on_cluster(todo, args, args.threads or args.cpus_per_task) if todo else {}
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        failures = run_here(todo, args.jobs, args.threads or max(1, cores // args.jobs)) if todo else {}
+        failures = run_here(todo, args.jobs, args.threads or max(1, cores // args.jobs), job_gpus(args.device)) \
+            if todo else {}
     results = write_results(root, runs, variants, baseline, args)
     log.info(f"results: {root / 'results.md'}\n" + markdown_table(results["summary"], variants, baseline))
     if failures:
