@@ -3,9 +3,10 @@ each variant's mean ± std and paired difference to a baseline.
 
 `python main_ablation.py` compares HPM with MAE over 3 seeds on the built-in digits (tiny preset).
 Each run is main_pretrain.py, then main_knn.py and main_linprobe.py on its student (and, where
-there is one, its EMA teacher), each a separate process whose exact command goes into
-results.json. Every main_pretrain.py flag given here passes through to every run. Rerunning the
-same command does only what is missing: finished runs are kept, interrupted ones resume.
+there is one, its EMA teacher): one process per run calls the scripts' mains in turn, and the
+equivalent command of each goes into results.json. Every main_pretrain.py flag given here passes
+through to every run. Rerunning the same command does only what is missing: finished runs are
+kept, interrupted ones resume.
 
 Layout: OUTPUT_DIR/<variant>/seed_<s>/ (pretraining), .../knn_{student,teacher}/,
 .../linprobe_{student,teacher}/, .../logs/<stage>.log, .../run.json; OUTPUT_DIR/results.{json,md,png}.
@@ -448,6 +449,8 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError("--jobs and --threads must be at least 1")
     if args.cluster and (args.nodes != 1 or args.ngpus > 1 or args.ntasks_per_node not in (None, 1)):
         raise UserError("--cluster: each run is one process: --nodes 1, --ntasks_per_node 1, --ngpus 0 or 1")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UserError(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
     variants = parse_variants(args)
     baseline = args.baseline or ("mae" if "mae" in variants else next(iter(variants)))
     if baseline not in variants:

@@ -129,6 +129,7 @@ def test_namespace_to_argv_round_trips():
     (["--variant", "broken=--mask_block"], "variant broken"),
     (["--variant", "typo=--mask_ration 0.5"], "variant typo"),
     (["--seed", "3"], "--seed"),
+    (["--seeds", "1", "1"], "each seed once"),
     (["--variant", "seeded=--seed 4"], "variant seeded: --seed"),
     (["--resume", "x.pth"], "--resume"),
     (["--baseline", "hpm_abs"], "--baseline hpm_abs"),
