@@ -288,7 +288,12 @@ def execute(run: PlannedRun, threads: int, started: Callable[[subprocess.Popen],
         process = subprocess.Popen([sys.executable, str(REPO / "main_ablation.py"), STAGES_ENTRY, json.dumps(pending)],
                                    env=env, stdout=out, stderr=subprocess.STDOUT)
         started(process)
-        code = process.wait()
+        while True:   # wakes up regularly, so that a signal handler of this process runs promptly
+            try:
+                code = process.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                continue
     unfinished = run.pending()
     if not unfinished and code == 0:
         return None

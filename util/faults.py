@@ -50,12 +50,21 @@ def fault_point(name: str) -> None:
     if spec.get("to") != "parent":
         os.kill(os.getpid(), getattr(signal, action))
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    # Wait here until the process's own SIGTERM handler has run (in the main thread, whichever
+    # thread the kernel gave the signal to), chaining to it.
+    previous = signal.getsignal(signal.SIGTERM)
+    answered: list[int] = []
+
+    def note(signum: int, frame) -> None:
+        answered.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, note)
     try:
         os.kill(os.getppid(), getattr(signal, action))
-        answered = signal.sigtimedwait({signal.SIGTERM}, 600) is not None
+        deadline = time.monotonic() + 600
+        while not answered and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    handler = signal.getsignal(signal.SIGTERM)
-    if answered and callable(handler):
-        handler(signal.SIGTERM, None)
+        signal.signal(signal.SIGTERM, previous)
