@@ -3,7 +3,8 @@
 #  1. step benchmarks: ViT-B/16 HPM and MAE (paired) at bf16, batch 128 and 256, eager and
 #     torch.compile; ViT-L/16 HPM at batch 64; fp16 with the gradient scaler once; masking;
 #  2. end to end on a synthetic JPEG ImageFolder: torchrun (NCCL) pretraining with --compile,
-#     stopped by SIGTERM and resumed, then fine-tuning, linear probing, kNN and the export;
+#     stopped by SIGTERM and resumed, then fine-tuning, linear probing, kNN and the export; a
+#     one-epoch ablation (hpm and mae, 2 runs at once on the GPU, each evaluated);
 #  3. the pretraining loader alone (8 and 16 workers, and the --gpu_decode path).
 # Every step's exit status lands in status.tsv and a summary table is printed at the end.
 # Results: $OUT (the device tool's folder) or benchmarks/results/gpu_check.
@@ -31,11 +32,13 @@ if [ "${HPM_GPU_CHECK_TINY:-0}" = 1 ]; then
     small=mae_vit_tiny_patch4; classifier=vit_tiny_patch4; batches=(8 16); large_batch=8
     bench=(--iters 2 --warmup 1 --threads 1 --probe_seconds 0.1); images=(--train 64 --val 32 --classes 4 --min_size 40 --max_size 56)
     e2e=(--batch_size 8 --num_workers 1); stop_at=5; workers=(0 1); loader=(--batch_size 8 --batches 3 --input_size 32)
+    ablation=(--batch_size 8 --num_workers 0 --knn_k 5 --probe_batch_size 8)
 else
     device=cuda; amp=bf16; compile=(--compile); base=mae_vit_base_patch16; large=mae_vit_large_patch16
     small=mae_vit_small_patch16; classifier=vit_small_patch16; batches=(128 256); large_batch=64
     bench=(--iters 10 --warmup 3); images=(--train 4096 --val 512 --classes 10 --min_size 256 --max_size 320)
     e2e=(--batch_size 128 --num_workers 16); stop_at=20; workers=(8 16); loader=(--batch_size 256 --batches 10)
+    ablation=(--batch_size 128 --num_workers 8 --probe_batch_size 256)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 fi
 python -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" >> "$out/gpu.txt"
@@ -56,7 +59,7 @@ step bench_masking 0 python benchmarks/bench_masking.py --device "$device" --bat
 
 # 2. end to end on synthetic JPEGs
 data="$out/jpegs"
-rm -rf "$data" "$out/pretrain" "$out/finetune" "$out/linprobe" "$out/knn" "$out/export_timm"
+rm -rf "$data" "$out/pretrain" "$out/finetune" "$out/linprobe" "$out/knn" "$out/export_timm" "$out/ablation"
 step make_jpegs 0 python benchmarks/make_jpeg_folder.py --root "$data" "${images[@]}"
 pretrain=(torchrun --standalone --nproc_per_node=1 main_pretrain.py --model "$small" --data_path "$data"
           --epochs 2 --warmup_epochs 1 --amp "$amp" --device "$device" "${compile[@]}" "${e2e[@]}"
@@ -74,6 +77,9 @@ step linprobe 0 python main_linprobe.py --model "$classifier" --finetune "$weigh
 step knn 0 python main_knn.py --model "$classifier" --finetune "$weights" --data_path "$data" --nb_knn 10 20 \
     --device "$device" "${e2e[@]}" --output_dir "$out/knn"
 step export 0 python export.py --checkpoint "$weights" --format timm --output "$out/export_timm"
+step ablation 0 python main_ablation.py --variants hpm mae --seeds 0 --epochs 1 --warmup_epochs 0 --jobs 2 \
+    --model "$small" --data_path "$data" --amp "$amp" --device "$device" --probe_epochs 1 "${ablation[@]}" \
+    --output_dir "$out/ablation"
 
 # 3. the loader alone
 step loader_cpu 0 python benchmarks/bench_loader.py --data_path "$data" --workers "${workers[@]}" "${loader[@]}" \

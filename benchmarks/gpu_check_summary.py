@@ -1,6 +1,6 @@
 """The summary table of benchmarks/gpu_check.sh: every step's exit status, the step benchmarks
 (s/iter, images/s, MFU against the matmul peak of the same run, peak memory), the loader's
-images/s against the step's. Exits 1 if any step ended otherwise than expected.
+images/s against the step's, the ablation's table. Exits 1 if any step ended otherwise than expected.
 
     python benchmarks/gpu_check_summary.py benchmarks/results/gpu_check
 """
@@ -33,6 +33,9 @@ def main(out: Path) -> int:
             for workers, rate in json.loads(path.read_text())["images_per_s"].items():
                 print(f"\n{name}, {workers} workers: {rate:.0f} images/s (fastest HPM step: {fastest_step:.0f})", end="")
     print()
+    ablation = out / "ablation" / "results.md"
+    if ablation.is_file():
+        print("\n" + ablation.read_text())
     if failed:
         print(f"FAILED steps: {', '.join(failed)} (logs in {out})")
         return 1

@@ -223,6 +223,7 @@ def test_ablation_end_to_end_resumes_and_reports_what_the_runs_logged(tmp_path):
         assert figure.format == "PNG" and figure.size[0] > 600
 
     # the same folder with other pretraining settings is refused, and nothing is touched
-    changed = run_script("main_ablation.py", *common, "--seeds", "0", "1", "--mask_ratio", "0.6")
-    assert changed.returncode == 2 and "other settings (pretrain mask_ratio)" in changed.stderr
+    changed = main_ablation.get_args_parser().parse_args([*common, "--seeds", "0", "1", "--mask_ratio", "0.6"])
+    with pytest.raises(UserError, match=r"other settings \(pretrain mask_ratio\)"):
+        main_ablation.main(changed)
     assert all(_files(path) == before[key] for key, path in runs.items())

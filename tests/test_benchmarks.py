@@ -114,7 +114,9 @@ def test_gpu_acceptance_script_passes_in_its_tiny_cpu_mode(tmp_path):
         steps = {row["step"]: row for row in csv.DictReader(f, delimiter="\t")}
     for name in ("bench_vit_b_bs8_eager", "bench_vit_b_bs16_compile", "bench_vit_l_bs8", "bench_vit_b_fp16",
                  "pretrain_stopped", "pretrain_stop_saved", "pretrain_resumed", "finetune", "linprobe", "knn",
-                 "export", "loader_cpu", "loader_gpu_decode"):
+                 "export", "ablation", "loader_cpu", "loader_gpu_decode"):
         assert steps[name]["exit"] == steps[name]["expected"], name
     assert f"all {len(steps)} steps passed" in res.stdout and "| bench_vit_b_bs16_eager | MAE | 16 |" in res.stdout
     assert (tmp_path / "export_timm" / "model.safetensors").is_file()
+    ablation = json.loads((tmp_path / "ablation" / "results.json").read_text())
+    assert [r["variant"] for r in ablation["runs"]] == ["hpm", "mae"] and ablation["evaluation"]["amp"] == "none"

@@ -21,6 +21,8 @@ def test_pretrain_end_to_end(tmp_path, mode, data):
     if data == "folder":
         make_image_folder(tmp_path / "data", classes=2, per_class=16, size=32)
         mode = [*mode, "--data_path", str(tmp_path / "data")]
+    if data == "digits":
+        mode = [*mode, "--batch_size", "64"]     # 22 steps per epoch
     res = run_script("main_pretrain.py", "--epochs", "2", "--output_dir", str(out), *TINY, *mode)
     assert res.returncode == 0, res.stderr
     assert "eta" in res.stdout
