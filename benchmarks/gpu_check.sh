@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU acceptance run, in one go (about 7 minutes on one H200):
+# The GPU acceptance run, in one go (about 8 minutes on one H200, estimated):
 #  1. step benchmarks: ViT-B/16 HPM and MAE (paired) at bf16, batch 128 and 256, eager and
 #     torch.compile; ViT-L/16 HPM at batch 64; fp16 with the gradient scaler once; masking;
 #  2. end to end on a synthetic JPEG ImageFolder: torchrun (NCCL) pretraining with --compile,
