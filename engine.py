@@ -184,7 +184,7 @@ def train_one_epoch(run: Run, epoch: int, first_step: int = 0) -> tuple[dict[str
 
 
 def fit(run: Run, start: ResumePoint, best: float = 0.0) -> dict:
-    """Epochs from `start` to args.epochs: train, end the epoch (evaluate, pictures), save, log.
+    """Epochs from `start` to args.epochs: train, save, end the epoch (evaluate, pictures), log.
 
     A stop request saves a mid-epoch checkpoint (with every rank's RNG states) and ends the
     process through STOP.finish(). A collective that times out ends it with one line naming the
@@ -222,17 +222,23 @@ def _fit(run: Run, start: ResumePoint, best: float) -> dict:
                 run.save([run.output_dir / "checkpoint-last.pth"], epoch, best, next_step, rng)
             STOP.finish(epoch, next_step)
             return record
-        record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}, **task.end_epoch(epoch, run.writer)}
-        paths = [run.output_dir / "checkpoint-last.pth"]
-        if task.score_key is not None:
-            if record[task.score_key] > best:
-                paths.append(run.output_dir / "checkpoint-best.pth")
-            best = max(best, record[task.score_key])
-            record[f"best_{task.score_key.removeprefix('test_')}"] = best
+        # The epoch's training is saved before anything that ends it (evaluation, pictures), so that a
+        # failure there cannot cost trained work: a rerun resumes after this epoch.
+        last = run.output_dir / "checkpoint-last.pth"
+        paths = [last]
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
             paths.append(run.output_dir / f"checkpoint-{epoch}.pth")
         if dist.is_main:
             run.save(paths, epoch + 1, best)
+        fault_point("end_epoch")
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}, **task.end_epoch(epoch, run.writer)}
+        if task.score_key is not None:
+            improved = record[task.score_key] > best
+            best = max(best, record[task.score_key])
+            record[f"best_{task.score_key.removeprefix('test_')}"] = best
+            if improved and dist.is_main:   # the new best score goes into checkpoint-last too
+                run.save([last, run.output_dir / "checkpoint-best.pth"], epoch + 1, best)
+        if dist.is_main:
             append_json_log(run.output_dir / "log.txt", record)
         eta = (time.time() - started) / (epoch + 1 - start.epoch) * (args.epochs - epoch - 1)
         log.info(f"{task.describe(record)}; run ETA {datetime.timedelta(seconds=int(eta))}")

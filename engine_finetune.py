@@ -11,7 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from engine import Run, Timer, fit, no_timer
 from models_vit import build_classifier
-from util.args import check_common, check_output_dir
+from util.args import check_common, check_output_dir, resolve_augmentation
 from util.checkpoint import find_resume
 from util.data import build_dataset, eval_loader, eval_transform, train_loader
 from util.distributed import is_distributed
@@ -120,6 +120,7 @@ class ClassifierSetup:
         self.args = args
         self.dist, self.device = start_process(args.device, args.dist_url, args.dist_timeout)
         check_common(args)
+        resolve_augmentation(args)
         args.input_size = build_classifier(args, 1).patch_embed.img_size[0]
         weights = args.finetune or (args.resume if args.eval else None)
         stats = downstream_stats(weights, args.mean, args.std, "--finetune" if args.finetune else "--resume")

@@ -5,6 +5,7 @@ One batch: loader -> `PretrainTask.forward` -> the teacher's mask (HPM) or the m
 -> the student (models_hpm) -> its losses -> the loop's optimizer step -> the teacher's update.
 """
 import argparse
+import logging
 from functools import partial
 from typing import Callable
 
@@ -19,6 +20,7 @@ from engine import Timer, no_timer
 from models_hpm import HPMTeacher, MaskedAutoencoderHPM
 from util.args import check_common, data_parser, make_parser, model_parser, runtime_parser, training_parser
 from util.errors import UserError
+from util.faults import fault_point
 from util.checkpoint import file_sha256
 from util.colormap import heat_colors, normalise_per_image
 from util.gpu_augment import GpuPretrainAugment
@@ -28,6 +30,8 @@ from util.patches import gather_patches
 from util.schedules import teacher_decay, teacher_decay_per_step
 from util.targets import FrozenTarget
 from util.precision import autocast
+
+log = logging.getLogger("hpm")
 
 
 def hpm_parser() -> argparse.ArgumentParser:
@@ -249,8 +253,13 @@ class PretrainTask:
         return {"model": self.student, "teacher": self.teacher}
 
     def end_epoch(self, epoch: int, writer) -> dict:
+        """The picture is an extra: the epoch is already saved, and a failure here is only a warning."""
         if writer is not None and self.preview is not None:
-            self.log_images(writer, epoch)
+            try:
+                self.log_images(writer, epoch)
+            except Exception as exc:   # noqa: BLE001 - nothing optional may stop a training run
+                log.warning(f"the reconstruction picture of epoch {epoch} failed ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); training goes on")
         return {"n_parameters": self.num_parameters}
 
     def describe(self, record: dict) -> str:
@@ -259,6 +268,7 @@ class PretrainTask:
 
     def log_images(self, writer, epoch: int) -> None:
         """The same images and mask seed every epoch, masked as this epoch's training masks them."""
+        fault_point("picture")
         imgs = self.preview
         mask = self.mask(imgs, epoch, torch.Generator(device=imgs.device).manual_seed(self.seed))
         pred_loss = self.teacher.predict_losses(imgs).float() if self.hpm else None
@@ -276,8 +286,9 @@ def make_optimizer(student: MaskedAutoencoderHPM, args: argparse.Namespace,
 @torch.no_grad()
 def reconstruction_rows(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask: torch.Tensor,
                         stats: Stats = IMAGENET) -> list[torch.Tensor]:
-    """Input, masked input and reconstruction (visible patches pasted back, un-normalised with
-    norm_pix_loss), each (N, 3, H, W) in [0, 1]; no reconstruction for feature targets."""
+    """Input, masked input and reconstruction (visible patches pasted back; with norm_pix_loss the
+    prediction un-normalised per patch first), each un-normalised with the dataset statistics to
+    (N, 3, H, W) in [0, 1]; no reconstruction for feature targets."""
     was_training = student.training
     student.eval()
     out = student(imgs, mask)
@@ -289,11 +300,11 @@ def reconstruction_rows(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask:
         rows = [imgs, student.unpatchify(target * (~mask).unsqueeze(-1))]
         return [(r.float() * std + mean).clamp(0, 1) for r in rows]
     pred = out.pred.float()
-    if student.norm_pix_loss:
-        masked_target = gather_patches(target, out.ids_masked)
-        mean = masked_target.mean(-1, keepdim=True)
-        std = (masked_target.var(-1, keepdim=True) + 1e-6).sqrt()
-        pred = pred * std + mean
+    if student.norm_pix_loss:   # the prediction is per-patch standardised: back to the patch's own scale
+        masked_target = gather_patches(target, out.ids_masked).float()
+        patch_mean = masked_target.mean(-1, keepdim=True)
+        patch_std = (masked_target.var(-1, keepdim=True) + 1e-6).sqrt()
+        pred = pred * patch_std + patch_mean
     recon = target.clone().scatter_(1, out.ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]), pred)
     rows = [imgs, student.unpatchify(target * (~mask).unsqueeze(-1)), student.unpatchify(recon)]
     return [(r.float() * std + mean).clamp(0, 1) for r in rows]

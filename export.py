@@ -21,7 +21,7 @@ from util.checkpoint import clean_state_dict, load_file, pick_state_dict, save_a
 from util.errors import UserError, run_cli
 from util.formats import architecture, encoder_only, hf_config, timm_config, to_hf
 from util.logger import setup_logging
-from util.normalization import downstream_stats
+from util.normalization import Stats, downstream_stats
 
 log = logging.getLogger("hpm")
 FORMATS = ("mae", "timm", "hf")
@@ -93,6 +93,9 @@ def export(checkpoint: str, fmt: str, output: str, teacher: bool = False, force:
     log.info(f"exported {'the teacher' if teacher else 'the encoder'} of {checkpoint} "
              f"(ViT {arch['embed_dim']}-d, {arch['depth']} blocks, patch {arch['patch_size']}, "
              f"{arch['img_size']} px) as {fmt} to {out}")
+    pixel = Stats(tuple(255 * m for m in stats.mean), tuple(255 * s for s in stats.std))
+    log.info(f"normalisation: {stats} on [0, 1] pixels; on 0-255 pixels (Detectron2's model.pixel_mean / "
+             f"pixel_std, MMSegmentation's data_preprocessor mean / std, both RGB): {pixel}; see TRANSFER.md")
     for note in notes:
         log.info(f"note: {note}")
     return notes

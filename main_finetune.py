@@ -16,7 +16,7 @@ from timm.utils import ModelEmaV3
 import models_vit
 from engine_finetune import ClassifierSetup, ClassifierTask, describe_eval, evaluate
 from models_vit import build_classifier
-from util.args import (data_parser, make_parser, model_parser, pooling_parser, runtime_parser, training_parser,
+from util.args import (augmentation_parser, data_parser, make_parser, model_parser, pooling_parser, runtime_parser, training_parser,
                        weights_parser)
 from util.checkpoint import FORMAT_FINETUNE, load_pretrained
 from util.data import finetune_transform
@@ -29,7 +29,7 @@ log = logging.getLogger("hpm")
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parents = [model_parser(models_vit.CLASSIFIERS.names(), "vit_tiny_patch4"), weights_parser(),
-               pooling_parser(global_pool=True), data_parser(), training_parser(), runtime_parser()]
+               pooling_parser(global_pool=True), data_parser(), augmentation_parser(), training_parser(), runtime_parser()]
     p = make_parser("ViT fine-tuning", parents, add_help, blr=2e-3, epochs=30, warmup_epochs=2, min_lr=1e-6,
                     save_every=10)
     g = p.add_argument_group("fine-tuning recipe")

@@ -12,7 +12,7 @@ import torch.nn as nn
 import models_vit
 from engine_finetune import ClassifierSetup, ClassifierTask, describe_eval, evaluate
 from models_vit import LinearProbe, build_classifier
-from util.args import (data_parser, make_parser, model_parser, pooling_parser, runtime_parser, training_parser,
+from util.args import (augmentation_parser, data_parser, make_parser, model_parser, pooling_parser, runtime_parser, training_parser,
                        weights_parser)
 from util.checkpoint import FORMAT_LINPROBE, load_pretrained, resume_training
 from util.data import probe_transform
@@ -25,8 +25,8 @@ log = logging.getLogger("hpm")
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parents = [model_parser(models_vit.CLASSIFIERS.names(), "vit_tiny_patch4"), weights_parser(),
-               pooling_parser(global_pool=False), data_parser(), training_parser(), runtime_parser()]
-    p = make_parser("Linear probing", parents, add_help, blr=0.1, weight_decay=0.0, epochs=20, warmup_epochs=2,
+               pooling_parser(global_pool=False), data_parser(), augmentation_parser(), training_parser(), runtime_parser()]
+    p = make_parser("Linear probing", parents, add_help, blr=50.0, weight_decay=0.0, epochs=20, warmup_epochs=2,
                     batch_size=256, save_every=10)
     g = p.add_argument_group("linear probing")
     g.add_argument("--nb_classes", type=int, default=None, help="number of classes (default: the dataset's)")

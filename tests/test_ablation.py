@@ -88,8 +88,10 @@ def test_teacher_schedule_flags():
 # ---- statistics and commands ------------------------------------------------------------------------
 
 def test_mean_std_and_paired_differences():
-    assert mean_std([1.0, 2.0, 3.0]) == pytest.approx({"n": 3, "mean": 2.0, "std": 1.0, "t": 2 * math.sqrt(3),
-                                                        "values": [1.0, 2.0, 3.0]})
+    three = mean_std([1.0, 2.0, 3.0])
+    assert three.keys() == {"n", "mean", "std", "t", "values"}
+    assert three["n"] == 3 and three["values"] == [1.0, 2.0, 3.0]
+    assert (three["mean"], three["std"], three["t"]) == pytest.approx((2.0, 1.0, 2 * math.sqrt(3)))
     one = mean_std([5.0])
     assert one["std"] is None and one["t"] is None
     runs = [{"variant": v, "seed": s, "metrics": {"knn": k, "probe": p, "knn_teacher": None, "probe_teacher": None,

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,17 +15,17 @@ from util.launcher import launcher_parser, make_executor, submit
 
 import main_pretrain
 
-TORCHRUN = shutil.which("torchrun")
+# torchrun of this interpreter (its console script is on PATH only in an activated environment)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    cmd = [TORCHRUN or "torchrun", "--standalone", "--nproc_per_node=2", *args]
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
 def test_torchrun_pretraining_keeps_ranks_identical(tmp_path):
     out = tmp_path / "out"
     res = _torchrun("tests/dist_worker.py", str(tmp_path), "--epochs", "1", "--batch_size", "32",
@@ -43,7 +44,6 @@ def test_torchrun_pretraining_keeps_ranks_identical(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
 def test_knn_two_processes_equal_one(tmp_path, pretrained_checkpoint):
     common = ["--finetune", str(pretrained_checkpoint), "--num_workers", "0", "--batch_size", "50",
               "--nb_knn", "10", "20"]
@@ -104,12 +104,11 @@ def test_slurm_without_slurm_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
 def test_a_stuck_rank_ends_the_run_with_a_message_instead_of_a_hang(tmp_path):
     """Rank 1 hangs after its third step (fault injection); rank 0's next collective times out
     after --dist_timeout (0.25 min) and the run ends, naming the rank, instead of waiting forever."""
     env = {**ENV, "HPM_FAULT": "point=step,at=3,action=hang,rank=1"}
-    cmd = [TORCHRUN or "torchrun", "--standalone", "--nproc_per_node=2", "main_pretrain.py", "--epochs", "1",
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "main_pretrain.py", "--epochs", "1",
            "--batch_size", "16", "--num_workers", "0", "--dist_timeout", "0.25", "--output_dir", str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert res.returncode != 0
@@ -137,12 +136,11 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
 def test_torchrun_restarts_after_a_rank_is_killed_and_ends_like_an_uninterrupted_run(tmp_path, uninterrupted):
     """SIGKILL of rank 1 in the middle of epoch 1 (its 30th step); torchrun --max-restarts brings
     both ranks back from checkpoint-last.pth (end of epoch 0) and the run ends bit-identical."""
     env = {**ENV, "HPM_FAULT": f"point=step,at=30,action=SIGKILL,rank=1,once={tmp_path / 'fired'}"}
-    cmd = [TORCHRUN or "torchrun", "--standalone", "--nproc_per_node=2", "--max-restarts", "1", *ELASTIC,
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts", "1", *ELASTIC,
            "--output_dir", str(tmp_path / "out")]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -151,12 +149,11 @@ def test_torchrun_restarts_after_a_rank_is_killed_and_ends_like_an_uninterrupted
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
 def test_torchrun_stop_mid_epoch_and_resume_restores_every_ranks_rng(tmp_path, uninterrupted):
     """SIGTERM to rank 0 at its 27th step (epoch 1); both ranks save and stop at the next common
     step; the rerun restores each rank's own RNG states and ends bit-identical."""
     out = tmp_path / "out"
-    stopped = subprocess.run([TORCHRUN or "torchrun", "--standalone", "--nproc_per_node=2", *ELASTIC,
+    stopped = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", *ELASTIC,
                               "--output_dir", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600,
                              env={**ENV, "HPM_FAULT": "point=step,at=27,action=SIGTERM,rank=0"})
     assert stopped.returncode != 0 and "SIGTERM: saved epoch 1 at step" in stopped.stdout, stopped.stderr[-3000:]

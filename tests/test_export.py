@@ -169,9 +169,13 @@ def test_visualize_writes_a_labelled_grid_of_the_right_size(tmp_path, checkpoint
     folder.mkdir()
     for i, size in enumerate([(40, 30), (64, 64), (17, 50)]):
         Image.new("RGB", size, (40 * i, 100, 200 - 50 * i)).save(folder / f"{i}.png")
-    for source, rows in (("ours", 4), ("mae", 3)):
+    norm_pix = load_file(checkpoints[0]["ours"])   # norm-pix targets, dataset statistics
+    norm_pix["args"] = {**norm_pix["args"], "norm_pix_loss": True, "mean": [0.3, 0.3, 0.3], "std": [0.2, 0.2, 0.2]}
+    torch.save(norm_pix, tmp_path / "norm_pix.pth")
+    sources = {**checkpoints[0], "norm_pix": tmp_path / "norm_pix.pth"}
+    for source, rows in (("ours", 4), ("mae", 3), ("norm_pix", 4)):
         out = tmp_path / f"{source}.png"
-        args = visualize.get_args_parser().parse_args(["--checkpoint", str(checkpoints[0][source]), "--images",
+        args = visualize.get_args_parser().parse_args(["--checkpoint", str(sources[source]), "--images",
                                                        str(folder), "--output", str(out), "--num_images", "3"])
         visualize.main(args)
         with Image.open(out) as png:

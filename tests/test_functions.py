@@ -317,7 +317,8 @@ def test_default_randaugment_runs_on_the_installed_pillow_including_zero_bit_pos
     img = Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy())
     assert posterize_any_bits(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
     assert posterize_any_bits(img, 8) is img
-    args = argparse.Namespace(color_jitter=None, aa="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel", recount=1)
+    args = argparse.Namespace(color_jitter=None, aa="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel", recount=1,
+                              crop_scale=[0.08, 1.0], hflip=0.5)
     transform = finetune_transform(32, args)
     ops = [op for t in transform.transforms if isinstance(t, RandAugment) for op in t.ops]
     posterize = [op for op in ops if op.name.startswith("Posterize")]

@@ -99,3 +99,54 @@ def test_image_folder_and_list_file(tmp_path):
     res = run_script("main_pretrain.py", "--data_path", str(listed), "--output_dir", str(tmp_path / "o2"), *args)
     assert res.returncode == 0, res.stderr
     assert "on 12 images" in res.stdout
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_reconstruction_picture_of_a_perfect_prediction_is_the_input(norm_pix):
+    """The picture's un-normalisation: a prediction equal to the training target (per-patch
+    standardised with norm_pix_loss) pasted back gives the input image, on non-ImageNet statistics."""
+    from engine_pretrain import reconstruction_rows
+    from models_hpm import HPMOutput, create_pretrain_model
+    from util.masking import random_mask
+    from util.normalization import Stats
+    from util.patches import gather_patches
+    stats = Stats((0.3, 0.4, 0.5), (0.2, 0.25, 0.3))
+    student = create_pretrain_model("mae_vit_tiny_patch4", norm_pix_loss=norm_pix)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    imgs = (pixels - torch.tensor(stats.mean).view(1, 3, 1, 1)) / torch.tensor(stats.std).view(1, 3, 1, 1)
+    mask = random_mask(2, 64, student.num_masked, generator=torch.Generator().manual_seed(1))
+    out = student(imgs, mask)
+    target = gather_patches(student.patchify(imgs), out.ids_masked)
+    if norm_pix:   # the training target: each patch standardised on its own (hpm-spec)
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    student.forward = lambda imgs, mask: HPMOutput(target, out.loss_pred, out.latent, out.ids_masked)
+    original, masked, recon = reconstruction_rows(student, imgs, mask, stats)
+    torch.testing.assert_close(original, pixels, atol=1e-5, rtol=0)
+    torch.testing.assert_close(recon, pixels, atol=1e-4, rtol=0)
+    visible = (~mask).view(2, 1, 8, 8).repeat_interleave(4, 2).repeat_interleave(4, 3).expand_as(pixels)
+    torch.testing.assert_close(masked[visible], pixels[visible], atol=1e-5, rtol=0)
+
+
+def test_the_epoch_is_saved_before_its_picture(tmp_path):
+    """Killed at the end of epoch 0, after its training and before its picture: the epoch is on disk
+    and the rerun starts at epoch 1."""
+    make_image_folder(tmp_path / "data", classes=2, per_class=8, size=32)
+    common = ["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--epochs", "2",
+              *TINY, "--batch_size", "8", "--norm_pix_loss"]
+    res = run_script("main_pretrain.py", *common, env={"HPM_FAULT": "point=end_epoch,at=1,action=SIGKILL"})
+    assert res.returncode == -9
+    assert load_file(tmp_path / "out" / "checkpoint-last.pth")["next_epoch"] == 1
+    res = run_script("main_pretrain.py", *common)
+    assert res.returncode == 0, res.stderr
+    assert "at epoch 1" in res.stdout and [r["epoch"] for r in _log(tmp_path / "out")] == [1]
+
+
+def test_a_failing_picture_is_a_warning_and_training_goes_on(tmp_path):
+    make_image_folder(tmp_path / "data", classes=2, per_class=8, size=32)
+    out = tmp_path / "out"
+    res = run_script("main_pretrain.py", "--data_path", str(tmp_path / "data"), "--output_dir", str(out),
+                     "--epochs", "2", *TINY, "--batch_size", "8", env={"HPM_FAULT": "point=picture,at=1,action=error"})
+    assert res.returncode == 0, res.stderr
+    assert "the reconstruction picture of epoch 0 failed (RuntimeError: fault injected at picture)" in res.stdout
+    assert [r["epoch"] for r in _log(out)] == [0, 1]
+    assert len(EventAccumulator(str(out), size_guidance={"images": 0}).Reload().Images("reconstruction")) == 1

@@ -54,6 +54,38 @@ def data_parser() -> argparse.ArgumentParser:
     return p
 
 
+BUILT_IN_CROP_SCALE, CROP_SCALE = (0.5, 1.0), (0.08, 1.0)
+
+
+def augmentation_parser() -> argparse.ArgumentParser:
+    """The training crop and flip of fine-tuning and linear probing. Their defaults depend on the
+    data: MAE's protocol on a --data_path, milder on the built-in digits (32 px digits lose their
+    class in a crop of 8 % of their area, and a mirrored 2, 3 or 7 is no longer that digit)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help=f"area range of the random resized crop (default: {CROP_SCALE[0]} {CROP_SCALE[1]}, MAE's; "
+                        f"{BUILT_IN_CROP_SCALE[0]} {BUILT_IN_CROP_SCALE[1]} on the built-in digits)")
+    g.add_argument("--hflip", type=float, default=None,
+                   help="probability of a horizontal flip (default: 0.5; 0 on the built-in digits, whose "
+                        "labels a mirror changes; 0 for any labels that tell left from right)")
+    return p
+
+
+def resolve_augmentation(args: argparse.Namespace) -> None:
+    """Fill in --crop_scale and --hflip from the data when they were not given (see augmentation_parser)."""
+    built_in = args.data_path is None
+    if args.crop_scale is None:
+        args.crop_scale = list(BUILT_IN_CROP_SCALE if built_in else CROP_SCALE)
+    if args.hflip is None:
+        args.hflip = 0.0 if built_in else 0.5
+    low, high = args.crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        raise UserError(f"--crop_scale {low:g} {high:g} must satisfy 0 < MIN <= MAX <= 1, e.g. 0.08 1")
+    if not 0.0 <= args.hflip <= 1.0:
+        raise UserError(f"--hflip {args.hflip:g} is a probability: use a value in [0, 1]")
+
+
 def runtime_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("runtime")

@@ -243,11 +243,13 @@ def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
 
 def finetune_transform(input_size: int, args, stats: Stats = IMAGENET) -> Callable:
-    """DeiT/MAE training augmentation: RandomResizedCrop, flip, RandAugment, random erasing."""
+    """DeiT/MAE training augmentation: RandomResizedCrop (--crop_scale), flip (--hflip), RandAugment,
+    random erasing."""
     from timm.data import create_transform
     from timm.data.auto_augment import RandAugment
-    transform = create_transform(input_size=input_size, is_training=True, color_jitter=args.color_jitter,
-                                 auto_augment=args.aa, interpolation="bicubic", re_prob=args.reprob,
+    transform = create_transform(input_size=input_size, is_training=True, scale=tuple(args.crop_scale),
+                                 hflip=args.hflip, color_jitter=args.color_jitter,
+                                 auto_augment=args.aa or None, interpolation="bicubic", re_prob=args.reprob,
                                  re_mode=args.remode, re_count=args.recount, mean=stats.mean, std=stats.std)
     for step in transform.transforms:
         if isinstance(step, RandAugment):
@@ -296,9 +298,11 @@ class SingleDrawResizedCrop(transforms.RandomResizedCrop):
 
 
 def probe_transform(input_size: int, args=None, stats: Stats = IMAGENET) -> Callable:
-    """Linear probing's training augmentation (MAE's): single-draw RandomResizedCrop (bicubic), flip."""
+    """Linear probing's training augmentation (MAE's): single-draw RandomResizedCrop (bicubic), flip;
+    the crop's area range and the flip probability from --crop_scale / --hflip (default MAE's)."""
+    scale, flip = (tuple(args.crop_scale), args.hflip) if args is not None else ((0.08, 1.0), 0.5)
     return transforms.Compose([
-        SingleDrawResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
+        SingleDrawResizedCrop(input_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(flip),
         transforms.ToTensor(),
         transforms.Normalize(stats.mean, stats.std)])
