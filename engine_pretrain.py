@@ -188,12 +188,13 @@ class PretrainTask:
         self.gpu_augment = None
         if args.gpu_decode:
             self.gpu_augment = GpuPretrainAugment(student.patch_embed.img_size[0], device, stats)
-            self.augment_generator = torch.Generator(device=device)
-            self.generators += (self.augment_generator,)
+            self.augment_generator = torch.Generator(device=device)   # flips, on the device
+            self.box_generator = torch.Generator()                     # crop boxes, on the host
+            self.generators += (self.augment_generator, self.box_generator)
         model: nn.Module = student
         if world_size > 1:
             model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-        self.model = torch.compile(model) if args.compile else model
+        self.model = torch.compile(model, dynamic=False) if args.compile else model
         self.preview, self.stats = preview, stats
         self.num_parameters = sum(p.numel() for p in student.parameters() if p.requires_grad)
 
@@ -229,7 +230,8 @@ class PretrainTask:
     def forward(self, batch, epoch: int, timer: Timer = no_timer) -> dict[str, torch.Tensor]:
         if self.gpu_augment is not None:
             with timer("augment"):
-                imgs = self.gpu_augment(self.gpu_augment.decode(batch[0]), self.augment_generator)
+                imgs = self.gpu_augment(self.gpu_augment.decode(batch[0]), self.augment_generator,
+                                        self.box_generator)
         else:
             imgs = batch[0].to(self.device, non_blocking=True)
         features, pred_loss = self.targets(imgs, epoch, timer)
@@ -270,8 +272,11 @@ class PretrainTask:
         """The same images and mask seed every epoch, masked as this epoch's training masks them."""
         fault_point("picture")
         imgs = self.preview
-        mask = self.mask(imgs, epoch, torch.Generator(device=imgs.device).manual_seed(self.seed))
-        pred_loss = self.teacher.predict_losses(imgs).float() if self.hpm else None
+        pred_loss = None
+        if self.hpm:   # the eager teacher: the compiled pass is kept to the training batch's shape
+            with self.precision():
+                pred_loss = self.teacher.model.predict_losses(imgs).float()
+        mask = self.mask(imgs, epoch, torch.Generator(device=imgs.device).manual_seed(self.seed), pred_loss=pred_loss)
         writer.add_image("reconstruction", reconstruction_grid(self.student, imgs, mask, pred_loss, self.stats), epoch)
         writer.flush()
 

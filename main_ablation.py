@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import submitit
 import torch
 
 import models_vit
@@ -41,7 +40,7 @@ from util.ablation import METRICS, draw_figure, markdown_table, summarize
 from util.args import HelpFormatter, check_output_dir, namespace_to_argv
 from util.checkpoint import write_bytes_atomic
 from util.errors import EXIT_USER_ERROR, UserError, one_line, run_cli
-from util.launcher import cluster_parser, make_executor
+from util.launcher import cluster_parser, import_submitit, make_executor
 from util.logger import setup_logging
 
 log = logging.getLogger("hpm")
@@ -348,8 +347,9 @@ class AblationJob:
             submitit_handler(*preempted[0])   # checkpoint(), requeue, exit
         return failure
 
-    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        return submitit.helpers.DelayedSubmission(AblationJob(self.run, self.threads))
+    def checkpoint(self):
+        """submitit's requeue hook: the same run, which resumes where it stopped."""
+        return import_submitit().helpers.DelayedSubmission(AblationJob(self.run, self.threads))
 
 
 def job_gpus(device: str) -> list[str]:

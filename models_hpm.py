@@ -239,7 +239,8 @@ class HPMTeacher:
         self.has_loss_predictor = student.learning_loss
         self._student_params = list(student.parameters())
         self._params = list(self.model.parameters())
-        self._pass = torch.compile(self.model.teacher_pass) if compile else self.model.teacher_pass
+        # static shapes: the training batch never changes (drop_last), and a dynamic graph is slower
+        self._pass = torch.compile(self.model.teacher_pass, dynamic=False) if compile else self.model.teacher_pass
 
     def decay(self, epoch: int) -> float:
         return self.decay_schedule(epoch)

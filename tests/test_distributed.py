@@ -163,3 +163,18 @@ def test_torchrun_stop_mid_epoch_and_resume_restores_every_ranks_rng(tmp_path, u
     resumed = _torchrun(*ELASTIC, "--output_dir", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_weights(uninterrupted, load_file(out / "checkpoint-last.pth"))
+
+
+def test_scripts_and_the_ablation_import_without_submitit(tmp_path):
+    """A machine without submitit (the GPU acceptance machine's image): every script and the
+    ablation's --jobs path import; only --cluster asks for it, in one line."""
+    blocker = tmp_path / "submitit.py"
+    blocker.write_text("raise ImportError('submitit is blocked for this test')\n")
+    code = ("import main_ablation, main_pretrain, submitit_pretrain, util.launcher as l, argparse\n"
+            "from util.errors import UserError\n"
+            "try:\n    l.make_executor(argparse.Namespace(job_dir='x', ntasks_per_node=1, ngpus=0, cluster='local'), 'n')\n"
+            "except UserError as e:\n    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "--cluster needs submitit, which is not installed here: pip install submitit"

@@ -332,11 +332,16 @@ def test_default_randaugment_runs_on_the_installed_pillow_including_zero_bit_pos
     print(f"RandAugment ran on Pillow {PIL.__version__}")
 
 
-@pytest.mark.parametrize("bf16_supported, expected", [(True, torch.bfloat16), (False, torch.float16)])
-def test_amp_auto_picks_bf16_or_else_fp16_on_gpus_and_fp32_on_cpu(monkeypatch, bf16_supported, expected):
+@pytest.mark.parametrize("gpu, capability, expected", [("H100", (9, 0), torch.bfloat16), ("A100", (8, 0), torch.bfloat16),
+                                                      ("V100", (7, 0), torch.float16), ("T4", (7, 5), torch.float16)])
+def test_amp_auto_picks_native_bf16_or_else_fp16_on_gpus_and_fp32_on_cpu(monkeypatch, gpu, capability, expected):
+    """V100 and T4 only emulate bf16 (is_bf16_supported() says yes there): auto takes fp16 on them."""
     from util.precision import make_scaler, resolve_amp
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
-    assert resolve_amp("auto", torch.device("cuda")) == expected
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)   # what emulation answers
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: seen.append(device) or capability)
+    assert resolve_amp("auto", torch.device("cuda", 1)) == expected
+    assert seen == [torch.device("cuda", 1)]          # the run's own GPU is asked
     assert resolve_amp("none", torch.device("cuda")) is None
     assert resolve_amp("auto", torch.device("cpu")) is None and resolve_amp("fp16", torch.device("cpu")) is None
     assert make_scaler(torch.device("cpu"), torch.float16).is_enabled()

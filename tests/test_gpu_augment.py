@@ -110,3 +110,43 @@ def test_pretraining_with_gpu_decode_runs_and_resumes_exactly(tmp_path):
 def json_loss(out) -> float:
     import json
     return json.loads((out / "log.txt").read_text().splitlines()[-1])["train_total"]
+
+
+def test_cuda_decode_keeps_the_device_index_and_orders_the_streams(monkeypatch):
+    """The CUDA branch of the decode, with CUDA's stream calls recorded (no GPU here): it decodes onto
+    the run's own device (cuda:1 stays cuda:1), on its own stream made to wait for the training
+    stream, and the training stream waits for the decode and is recorded on every image."""
+    import torchvision
+
+    from util.gpu_augment import decode_jpegs
+    calls = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            calls.append(f"{self.name} waits for {other.name}")
+
+    training, side = Stream("training"), Stream("decode")
+
+    class Current:
+        def __enter__(self):
+            calls.append("decode stream current")
+
+        def __exit__(self, *exc):
+            calls.append("training stream current")
+
+    def decode_jpeg(data, mode, device):
+        calls.append(f"decode on {device}")
+        return [torch.zeros(3, 4, 4, dtype=torch.uint8) for _ in data]
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: calls.append(f"current of {device}") or training)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: Current())
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: calls.append(f"image used on {s.name}"))
+    images = decode_jpegs([torch.zeros(8, dtype=torch.uint8)] * 2, torch.device("cuda", 1), side)
+    assert len(images) == 2
+    assert calls == ["current of cuda:1", "decode waits for training", "decode stream current", "decode on cuda:1",
+                     "training stream current", "training waits for decode", "image used on training",
+                     "image used on training"]

@@ -150,3 +150,29 @@ def test_a_failing_picture_is_a_warning_and_training_goes_on(tmp_path):
     assert "the reconstruction picture of epoch 0 failed (RuntimeError: fault injected at picture)" in res.stdout
     assert [r["epoch"] for r in _log(out)] == [0, 1]
     assert len(EventAccumulator(str(out), size_guidance={"images": 0}).Reload().Images("reconstruction")) == 1
+
+
+def test_the_epoch_picture_does_not_recompile_the_compiled_networks(monkeypatch, tmp_path):
+    """--compile: the picture's batch of 8 runs the eager teacher, so the compiled teacher pass keeps
+    the training batch's static graph (a recompile would also switch training to dynamic shapes)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+    from torch.utils.tensorboard import SummaryWriter
+
+    import main_pretrain
+    from engine_pretrain import PretrainTask, build_student
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
+    torch._dynamo.reset()
+    args = main_pretrain.get_args_parser().parse_args(["--compile", "--epochs", "2"])
+    task = PretrainTask(build_student(args), args, torch.device("cpu"), None, preview=torch.randn(8, 3, 32, 32))
+    batch = (torch.randn(16, 3, 32, 32),)
+    task.forward(batch, epoch=1)                          # alpha > 0: the compiled teacher chooses the mask
+    compiled = counter.frame_count
+    assert compiled >= 2                                  # the student and the teacher's pass
+    writer = SummaryWriter(str(tmp_path))
+    task.log_images(writer, 1)
+    task.forward(batch, epoch=1)
+    writer.close()
+    assert counter.frame_count == compiled
+    torch._dynamo.reset()

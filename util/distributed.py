@@ -40,7 +40,9 @@ def init_distributed(device: torch.device, dist_url: str = "env://",
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        # 2: on a timed-out collective the watchdog aborts the communicator and the waiting call raises,
+        # so the loop can print its one line naming the rank (1 and 3 end the process before that)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(minutes=timeout_min)
         store = _restart_store(dist_url, info.world_size, timeout)

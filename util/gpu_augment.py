@@ -76,23 +76,51 @@ def sample_crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale: tuple[
     return torch.stack([top, left, h_out, w_out], dim=1)
 
 
+def decode_jpegs(data: list[torch.Tensor], device: torch.device, stream=None) -> list[torch.Tensor]:
+    """JPEG bytes -> uint8 (3, H_i, W_i) images on `device` (its index kept: cuda:1 decodes there).
+
+    nvJPEG writes its outputs on a private stream that does not wait for the caller's, while the
+    outputs are allocated on the stream that is current. With `stream` (a stream of our own) current
+    during the decode, the outputs come from that stream's memory pool, never from blocks the
+    training stream freed but may still read; the training stream then waits for the decode, and
+    the images are marked as used there, so their memory is recycled only after that use."""
+    mode = torchvision.io.ImageReadMode.RGB
+    if device.type != "cuda":
+        return torchvision.io.decode_jpeg(data, mode=mode, device="cpu")
+    current = torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        images = torchvision.io.decode_jpeg(data, mode=mode, device=device)
+    current.wait_stream(stream)
+    for image in images:
+        image.record_stream(current)
+    return images
+
+
 class GpuPretrainAugment:
-    """Decode + RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip + normalise, on `device`."""
+    """Decode + RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip + normalise, on `device`.
+
+    The crop boxes are drawn on the host (from the images' shapes, which the host knows, with a CPU
+    generator), so a step needs no host-device synchronisation; the flips are drawn on the device."""
 
     def __init__(self, size: int, device: torch.device, stats: Stats = IMAGENET,
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.size, self.device, self.scale, self.ratio = size, device, scale, ratio
         self.mean = torch.tensor(stats.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(stats.std, device=device).view(1, 3, 1, 1)
+        self.decode_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def decode(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
-        device = "cuda" if self.device.type == "cuda" else "cpu"
-        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+        return decode_jpegs(data, self.device, self.decode_stream)
 
-    def __call__(self, images: list[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 (3, H_i, W_i) images -> (N, 3, size, size) float, normalised."""
-        sizes = torch.tensor([img.shape[-2:] for img in images], device=self.device)
-        boxes = sample_crop_boxes(sizes[:, 0], sizes[:, 1], self.scale, self.ratio, generator).tolist()
+    def __call__(self, images: list[torch.Tensor], generator: torch.Generator | None = None,
+                 box_generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 (3, H_i, W_i) images -> (N, 3, size, size) float, normalised. `generator`: the flips'
+        (on the device), `box_generator`: the crop boxes' (on the CPU)."""
+        sizes = torch.tensor([img.shape[-2:] for img in images])
+        boxes = sample_crop_boxes(sizes[:, 0], sizes[:, 1], self.scale, self.ratio, box_generator).tolist()
         # images differ in size, so each crop is resized on its own (one kernel per image on the device)
         crops = torch.stack([TF.resized_crop(img, top, left, h, w, [self.size, self.size],
                                              interpolation=TF.InterpolationMode.BICUBIC, antialias=True)

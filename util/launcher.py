@@ -9,12 +9,25 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import submitit
+if TYPE_CHECKING:
+    import submitit
 
 from util.args import HelpFormatter
 from util.errors import UserError
 from util.preemption import EXIT_PREEMPTED, STOP
+
+
+def import_submitit() -> ModuleType:
+    """submitit, imported when a job is submitted or runs: everything else (the parsers, --jobs runs
+    of the ablation) works on machines without it."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("--cluster needs submitit, which is not installed here: pip install submitit") from None
+    return submitit
 
 
 def cluster_parser(ngpus: int = 8, cluster: str | None = "slurm") -> argparse.ArgumentParser:
@@ -54,6 +67,7 @@ class Trainer:
         self.module, self.args = module, args
 
     def __call__(self) -> None:
+        submitit = import_submitit()
         job_env = submitit.JobEnvironment()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         for flag in ("output_dir", "log_dir"):
@@ -70,15 +84,17 @@ class Trainer:
         STOP.install((usr_sig,), after_save=requeue)
         importlib.import_module(self.module).main(self.args)
 
-    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+    def checkpoint(self) -> "submitit.helpers.DelayedSubmission":
         """The requeued job resumes from output_dir/checkpoint-last.pth (written before requeueing)."""
+        submitit = import_submitit()
         args = argparse.Namespace(**vars(self.args))
         if hasattr(args, "resume"):
             args.resume = str(Path(args.output_dir) / "checkpoint-last.pth")
         return submitit.helpers.DelayedSubmission(Trainer(self.module, args))
 
 
-def make_executor(args: argparse.Namespace, name: str) -> submitit.Executor:
+def make_executor(args: argparse.Namespace, name: str) -> "submitit.Executor":
+    submitit = import_submitit()
     job_dir = Path(args.job_dir)
     tasks = args.ntasks_per_node or max(args.ngpus, 1)
     if args.cluster == "debug":
@@ -103,7 +119,7 @@ def make_executor(args: argparse.Namespace, name: str) -> submitit.Executor:
     return executor
 
 
-def submit(module: str, args: argparse.Namespace) -> submitit.Job:
+def submit(module: str, args: argparse.Namespace) -> "submitit.Job":
     """Submit `module.main(args)`; returns the job (its id also names %j in the paths)."""
     job = make_executor(args, f"hpm_{module}").submit(Trainer(module, args))
     print(f"submitted job {job.job_id}; submitit logs in {args.job_dir.replace('%j', str(job.job_id))}")
