@@ -32,14 +32,22 @@ def per_image_loop(pred_loss: torch.Tensor, num_masked: int, alpha: float) -> to
     return mask
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of `fn`, each run waited for on the device (CUDA launches return at once)."""
     fn()
     samples = []
     for _ in range(repeats):
+        synchronize(device)
         t = time.perf_counter()
         fn()
+        synchronize(device)
         samples.append(time.perf_counter() - t)
     return statistics.median(samples)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -51,10 +59,11 @@ def main() -> None:
     p.add_argument("--device", type=str, default="cpu")
     args = p.parse_args()
     m = num_masked_patches(args.num_patches, 0.75)
-    pred = torch.randn(args.batch_size, args.num_patches, device=args.device)
-    gen = torch.Generator(device=args.device).manual_seed(0)
-    vectorised = timed(lambda: hard_patch_mask(pred, m, args.alpha, generator=gen), args.repeats)
-    loop = timed(lambda: per_image_loop(pred, m, args.alpha), max(3, args.repeats // 4))
+    device = torch.device(args.device)
+    pred = torch.randn(args.batch_size, args.num_patches, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    vectorised = timed(lambda: hard_patch_mask(pred, m, args.alpha, generator=gen), args.repeats, device)
+    loop = timed(lambda: per_image_loop(pred, m, args.alpha), max(3, args.repeats // 4), device)
     print(f"batch {args.batch_size}, L {args.num_patches}, M {m}, alpha {args.alpha}, {torch.get_num_threads()} "
           f"threads on {args.device}: vectorised {vectorised * 1e3:.2f} ms, per-image loop {loop * 1e3:.2f} ms "
           f"({loop / vectorised:.0f}x)")
