@@ -125,11 +125,13 @@ class ClassifierSetup:
         weights = args.finetune or (args.resume if args.eval else None)
         stats = downstream_stats(weights, args.mean, args.std, "--finetune" if args.finetune else "--resume")
         args.mean, args.std = list(stats.mean), list(stats.std)
-        self.val_set = build_dataset(args.data_path, "val", eval_transform(args.input_size, stats), args.bad_images)
+        columns = dict(image_column=args.image_column, label_column=args.label_column)
+        self.val_set = build_dataset(args.data_path, "val", eval_transform(args.input_size, stats), args.bad_images,
+                                     **columns)
         self.train_set = None
         if train_transform is not None:
             self.train_set = build_dataset(args.data_path, "train", train_transform(args.input_size, args, stats),
-                                           args.bad_images)
+                                           args.bad_images, **columns)
         self.num_classes = args.nb_classes or getattr(self.train_set or self.val_set, "num_classes", None)
         if not self.num_classes:
             raise UserError("cannot tell the number of classes from the data: pass --nb_classes")

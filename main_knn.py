@@ -74,8 +74,9 @@ def main(args: argparse.Namespace) -> None:
         amp_dtype = resolve_amp(args.amp, device)
         stats = downstream_stats(args.finetune, args.mean, args.std)
         args.mean, args.std = list(stats.mean), list(stats.std)
-        train_set = build_dataset(args.data_path, "train", eval_transform(size, stats), args.bad_images)
-        val_set = build_dataset(args.data_path, "val", eval_transform(size, stats), args.bad_images)
+        columns = dict(image_column=args.image_column, label_column=args.label_column)
+        train_set = build_dataset(args.data_path, "train", eval_transform(size, stats), args.bad_images, **columns)
+        val_set = build_dataset(args.data_path, "val", eval_transform(size, stats), args.bad_images, **columns)
         train_f, train_l = extract(model, train_set, dist_info, args, device, amp_dtype)
         val_f, val_l = extract(model, val_set, dist_info, args, device, amp_dtype)
         if args.dump_features and dist_info.is_main:

@@ -62,7 +62,8 @@ def main(args: argparse.Namespace) -> PretrainTask:
     torch.manual_seed(args.seed)   # the same initial student (and so teacher) on every process
     student = build_student(args, target_dim).to(device)
     args.input_size = student.patch_embed.img_size[0]
-    dataset = build_dataset(args.data_path, "train", None, args.bad_images)
+    dataset = build_dataset(args.data_path, "train", None, args.bad_images, labelled=False,
+                            image_column=args.image_column, label_column=args.label_column)
     stats = pretraining_stats(args, dataset)
     dataset = with_transform(dataset, pretrain_transform(args.input_size, stats))
     loader = train_loader(JpegBytes(dataset) if args.gpu_decode else dataset, dist_info, args.batch_size,

@@ -13,17 +13,19 @@ import logging
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import models_hpm
 from engine_pretrain import reconstruction_rows
 from util.args import HelpFormatter
 from util.checkpoint import clean_state_dict, load_file, pick_state_dict, write_bytes_atomic
 from util.colormap import VIRIDIS_ANCHORS, normalise_per_image
-from util.data import IMG_EXTENSIONS, eval_transform, load_rgb
+from util.data import IMG_EXTENSIONS, build_dataset, eval_transform, load_rgb
 from util.errors import UserError, run_cli
 from util.logger import setup_logging
 from util.masking import hard_patch_mask, random_mask
 from util.normalization import IMAGENET, stats_in_checkpoint
+from util.shards import shard_files
 
 log = logging.getLogger("hpm")
 INCHES_PER_IMAGE, DPI = 2.0, 100
@@ -32,7 +34,9 @@ INCHES_PER_IMAGE, DPI = 2.0, 100
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="HPM figure", formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint (ours, the reference's, MAE's)")
-    p.add_argument("--images", required=True, nargs="+", help="a folder of images, or image files (any size)")
+    p.add_argument("--images", required=True, nargs="+",
+                   help="a folder of images, image files (any size), or a dataset as --data_path names it "
+                        "(hf:DIR, WebDataset shards)")
     p.add_argument("--output", default="hpm_figure.png", help="the PNG to write")
     p.add_argument("--alpha", type=float, default=0.5,
                    help="share of the masked patches chosen as hard by the teacher (the schedule's end value)")
@@ -41,6 +45,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_images", type=int, default=4, help="columns of the figure")
     p.add_argument("--model", default=None, help="pretraining model name (default: the checkpoint's)")
     return p
+
+
+def load_images(inputs: list[str], limit: int) -> list[Image.Image]:
+    """The first `limit` images of the --images: files, folders (searched at any depth), or datasets
+    as --data_path names them (hf:DIR, WebDataset shards; their train split)."""
+    images: list[Image.Image] = []
+    for item in inputs:
+        if item.startswith("hf:") or "{" in item or item.endswith(".tar") or \
+                (Path(item).is_dir() and shard_files(item, "train") is not None):
+            dataset = build_dataset(item, "train", None, labelled=False)
+            images += [dataset[i][0] for i in range(min(limit - len(images), len(dataset)))]
+        else:
+            images += [load_rgb(str(p)) for p in image_paths([item], limit - len(images))]
+        if len(images) >= limit:
+            break
+    return images[:limit]
 
 
 def image_paths(inputs: list[str], limit: int) -> list[Path]:
@@ -146,7 +166,7 @@ def main(args: argparse.Namespace) -> Path:
     student, teacher, stats = load_networks(args.checkpoint, args.model, args.mask_ratio)
     size = student.patch_embed.img_size[0]
     transform = eval_transform(size, stats)
-    imgs = torch.stack([transform(load_rgb(str(p))) for p in image_paths(args.images, args.num_images)])
+    imgs = torch.stack([transform(img) for img in load_images(args.images, args.num_images)])
     generator = torch.Generator().manual_seed(args.seed)
     n, num_patches = imgs.shape[0], student.patch_embed.num_patches
     heat = None

@@ -146,3 +146,17 @@ def test_gpu_acceptance_part_passes_in_its_tiny_cpu_mode_and_fits_what_comes_bac
     if part == "loader":
         check = summary["decode_check"]
         assert len(check["pil"]) == len(check["gpu_decode"]) == 2 and "decode check" in res.stdout
+
+
+def test_loader_benchmark_times_every_source_on_the_same_images(tmp_path):
+    res = run_script("benchmarks/make_jpeg_folder.py", "--root", str(tmp_path / "jpegs"), "--train", "24", "--val", "0",
+                     "--classes", "3", "--min_size", "40", "--max_size", "48")
+    assert res.returncode == 0, res.stderr
+    res = run_script("benchmarks/bench_loader.py", "--data_path", str(tmp_path / "jpegs"), "--workers", "0", "1",
+                     "--sources", "reference", "folder", "shards", "hf", "--batch_size", "4", "--batches", "2",
+                     "--warmup", "1", "--input_size", "32", "--json", str(tmp_path / "loader.json"))
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "loader.json").read_text())
+    assert set(result["sources"]) == {"reference", "folder", "shards", "hf"}
+    for figures in result["sources"].values():
+        assert set(figures["images_per_s"]) == {"0", "1"} and figures["workers_for_goal"] > 0

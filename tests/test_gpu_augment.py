@@ -74,7 +74,7 @@ def test_non_jpeg_files_and_the_built_in_digits_are_clear_errors(tmp_path):
     from util.errors import UserError
     (tmp_path / "train" / "c").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "train" / "c" / "a.png")
-    with pytest.raises(UserError, match="a.png: not a JPEG file"):
+    with pytest.raises(UserError, match="a.png: not a JPEG"):
         JpegBytes(build_dataset(str(tmp_path), "train", None))[0]
     with pytest.raises(UserError, match="give --data_path"):
         JpegBytes(build_dataset(None, "train", None))

@@ -38,8 +38,14 @@ def data_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data")
     g.add_argument("--data_path", type=str, default=None,
-                   help="DIR with train/ and val/ ImageFolders or train.txt/val.txt lists "
+                   help="DIR with train/ and val/ ImageFolders or train.txt/val.txt lists (pretraining: any folder "
+                        "of images, at any depth, no labels needed); WebDataset shards (a brace pattern such as "
+                        "'shards/{split}-{000..099}.tar', a folder of .tar, or DIR/train/*.tar and DIR/val/*.tar); "
+                        "hf:DIR for a local Hugging Face dataset (save_to_disk or Parquet) "
                         "(default: the built-in scikit-learn digits)")
+    g.add_argument("--image_column", type=str, default="image", help="hf:DIR: the column holding the images")
+    g.add_argument("--label_column", type=str, default="label",
+                   help="hf:DIR: the column holding the labels (fine-tuning, probing, kNN)")
     g.add_argument("--bad_images", choices=["stop", "skip"], default="stop",
                    help="an unreadable image stops the run (naming the file), or is skipped with a warning")
     g.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),

@@ -1,4 +1,6 @@
-"""Datasets (built-in digits, ImageFolder, UM-MAE list files), robust image loading, loaders.
+"""Datasets (built-in digits, ImageFolder, unlabelled image trees, UM-MAE list files, and through
+util/shards.py and util/hf_data.py WebDataset shards and Hugging Face datasets), robust image
+loading, loaders.
 
 Augmentation randomness is seeded per sample from (seed, epoch, index), so a run resumed at an
 epoch boundary sees exactly the crops and flips of an uninterrupted one, whatever the workers.
@@ -6,6 +8,7 @@ epoch boundary sees exactly the crops and flips of an uninterrupted one, whateve
 import copy
 import itertools
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +22,7 @@ from util.distributed import DistInfo
 from util.errors import UserError
 from util.normalization import IMAGENET, Stats
 from util.rng import sample_seed, seed_all
+from util.shards import ShardDataset, shard_files
 
 log = logging.getLogger("hpm")
 
@@ -29,8 +33,9 @@ class BadImageError(UserError):
     """An image file that cannot be decoded."""
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open any image as 8-bit RGB: greyscale, palette, CMYK, RGBA and 16-bit files included."""
+def load_rgb(path, name: str | None = None) -> Image.Image:
+    """Open any image (a path, or a file object named `name` in errors) as 8-bit RGB: greyscale,
+    palette, CMYK, RGBA and 16-bit files included."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -40,7 +45,7 @@ def load_rgb(path: str) -> Image.Image:
                 img = Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
             return img.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise BadImageError(f"{path}: unreadable image ({exc}); remove or replace the file, or pass "
+        raise BadImageError(f"{name or path}: unreadable image ({exc}); remove or replace it, or pass "
                             f"--bad_images skip") from None
 
 
@@ -70,21 +75,27 @@ class DigitsDataset(Dataset):
 
 
 class ImageListDataset(Dataset):
-    """UM-MAE's list format: one 'relative/path label' per line, paths relative to `root`."""
+    """UM-MAE's list format: one 'relative/path label' per line, paths relative to `root`; for
+    pretraining (`labelled` False) a line may be a path alone (label -1)."""
 
-    def __init__(self, root: Path, list_file: Path, transform: Callable | None = None) -> None:
+    def __init__(self, root: Path, list_file: Path, transform: Callable | None = None, labelled: bool = True) -> None:
         self.samples: list[tuple[str, int]] = []
         missing = []
         for num, line in enumerate(list_file.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise UserError(f"{list_file}:{num}: expected 'relative/path label', found {line.strip()!r}")
-            path = root / parts[0]
+            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+                rel, label = parts[0], int(parts[1])
+            elif labelled:
+                raise UserError(f"{list_file}:{num}: expected 'relative/path label', found {line.strip()!r}; this "
+                                f"script needs labels (pretraining takes paths alone)")
+            else:
+                rel, label = line.strip(), -1
+            path = root / rel
             if not path.is_file():
-                missing.append(f"{parts[0]} (line {num})")
-            self.samples.append((str(path), int(parts[1])))
+                missing.append(f"{rel} (line {num})")
+            self.samples.append((str(path), label))
         if missing:
             raise UserError(f"{list_file}: {len(missing)} listed file(s) missing under {root}, first "
                             f"{missing[0]}; fix the list or the data path")
@@ -99,6 +110,34 @@ class ImageListDataset(Dataset):
         path, label = self.samples[index]
         img = load_rgb(path)
         return (self.transform(img) if self.transform else img), label
+
+
+class ImageTree(Dataset):
+    """Every image below `root`, at any depth, in sorted path order, without labels (-1): what
+    pretraining reads from a folder of one's own images."""
+
+    def __init__(self, root: Path, transform: Callable | None = None) -> None:
+        self.samples = [(os.path.join(folder, name), -1)
+                        for folder, subfolders, names in sorted_walk(root)
+                        for name in sorted(names) if name.lower().endswith(IMG_EXTENSIONS)]
+        self.targets = [-1] * len(self.samples)
+        self.num_classes = 0
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        return (self.transform(img) if self.transform else img), label
+
+
+def sorted_walk(root: Path):
+    """os.walk in sorted order (links followed), so the image order is the same on every machine."""
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders.sort()
+        yield folder, subfolders, names
 
 
 class SkipBadImages(Dataset):
@@ -127,33 +166,57 @@ class SkipBadImages(Dataset):
         raise UserError("no readable image in the dataset: check --data_path")
 
 
-def build_dataset(data_path: str | None, split: str, transform: Callable | None, bad_images: str = "stop") -> Dataset:
-    """Built-in digits when `data_path` is None; else DIR/<split>.txt (list) or DIR/<split>/ (ImageFolder).
+def build_dataset(data_path: str | None, split: str, transform: Callable | None, bad_images: str = "stop",
+                  labelled: bool = True, image_column: str = "image", label_column: str = "label") -> Dataset:
+    """The `split` of any source --data_path names:
 
-    `bad_images`: "stop" raises on an unreadable file, "skip" replaces it (see SkipBadImages).
+    - None: the built-in digits;
+    - hf:DIR: a local Hugging Face dataset (save_to_disk or Parquet; util/hf_data.py);
+    - WebDataset shards: a brace pattern, a .tar, a folder of .tar or DIR/<split>/*.tar (util/shards.py);
+    - DIR/<split>.txt: a list of 'path label' lines (paths alone for pretraining);
+    - DIR/<split>/: an ImageFolder (<class>/<images>); unlabelled (`labelled` False, pretraining):
+      every image below DIR/<split>/, or below DIR itself when it has no <split>/, at any depth.
+
+    `bad_images`: "stop" raises on an unreadable image, "skip" replaces it (see SkipBadImages).
     """
     if data_path is None:
-        return DigitsDataset(split, transform)
-    root = Path(data_path)
-    hint = f"expected {root}/{split}/<class>/<images> or a list file {root}/{split}.txt"
+        dataset = DigitsDataset(split, transform)
+    elif data_path.startswith("hf:"):
+        from util.hf_data import HFImageDataset
+        dataset = HFImageDataset(data_path[3:], split, transform, image_column, label_column, labelled)
+    elif (shards := shard_files(data_path, split)) is not None:
+        dataset = ShardDataset(shards, transform, labelled)
+    else:
+        dataset = _folder_dataset(Path(data_path), split, transform, labelled)
+    if len(dataset) == 0:
+        raise UserError(f"--data_path {data_path}: the {split} split is empty")
+    return SkipBadImages(dataset) if bad_images == "skip" else dataset
+
+
+def _folder_dataset(root: Path, split: str, transform: Callable | None, labelled: bool) -> Dataset:
+    hint = (f"expected {root}/{split}/<class>/<images> or a list file {root}/{split}.txt" if labelled else
+            f"expected images below {root} (or {root}/{split}/), or a list file {root}/{split}.txt")
     if not root.is_dir():
         raise UserError(f"--data_path {root}: no such directory; {hint}")
     list_file = root / f"{split}.txt"
     if list_file.is_file():
         base = root / split if (root / split).is_dir() else root
-        dataset = ImageListDataset(base, list_file, transform)
-    elif (root / split).is_dir():
-        try:
-            dataset = datasets.ImageFolder(str(root / split), transform=transform, loader=load_rgb,
-                                           is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
-        except FileNotFoundError as exc:
-            raise UserError(f"--data_path {root}: {exc}; {hint}") from None
-        dataset.num_classes = len(dataset.classes)
-    else:
+        return ImageListDataset(base, list_file, transform, labelled)
+    if not labelled:
+        tree = ImageTree(root / split if (root / split).is_dir() else root, transform)
+        if len(tree) == 0:
+            raise UserError(f"--data_path {root}: no images ({', '.join(IMG_EXTENSIONS)}) found; {hint}")
+        return tree
+    if not (root / split).is_dir():
         raise UserError(f"--data_path {root}: found neither {split}/ nor {split}.txt; {hint}")
-    if len(dataset) == 0:
-        raise UserError(f"--data_path {root}: the {split} split is empty; {hint}")
-    return SkipBadImages(dataset) if bad_images == "skip" else dataset
+    try:
+        dataset = datasets.ImageFolder(str(root / split), transform=transform, loader=load_rgb,
+                                       is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
+    except FileNotFoundError as exc:
+        raise UserError(f"--data_path {root}: this script needs labels, and {root}/{split} has no class folders "
+                        f"({str(exc).splitlines()[0]}); {hint} (pretraining takes unlabelled images)") from None
+    dataset.num_classes = len(dataset.classes)
+    return dataset
 
 
 def with_transform(dataset: Dataset, transform: Callable) -> Dataset:
@@ -220,10 +283,20 @@ class SeededDataset(Dataset):
 
 def train_loader(dataset: Dataset, dist_info: DistInfo, batch_size: int, num_workers: int,
                  pin_memory: bool, seed: int, collate_fn: Callable | None = None) -> DataLoader:
-    """Shuffled (per seed and epoch), drop-last, reproducible loader; call sampler.set_epoch each epoch."""
-    if batch_size * dist_info.world_size > len(dataset):
-        raise UserError(f"--batch_size {batch_size} x {dist_info.world_size} process(es) is larger than the "
+    """Shuffled (per seed and epoch), drop-last, reproducible loader; call sampler.set_epoch each epoch.
+
+    Each epoch is one permutation of the whole dataset, split across the processes (and, in whole
+    batches, their workers): every sample at most once. Where the dataset does not divide into
+    processes x batch, the permutation's tail is left out (logged once), a different tail each epoch."""
+    world = dist_info.world_size
+    if batch_size * world > len(dataset):
+        raise UserError(f"--batch_size {batch_size} x {world} process(es) is larger than the "
                         f"{len(dataset)} training images: lower --batch_size")
+    used = world * batch_size * (len(dataset) // world // batch_size)
+    if used < len(dataset) and dist_info.is_main:
+        log.info(f"each epoch uses {used} of the {len(dataset)} training images: the remainder over {world} "
+                 f"process(es) x batch {batch_size} ({len(dataset) - used}) is left out, a different one every "
+                 f"epoch (each epoch reshuffles)")
     sampler = EpochSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
                            seed=seed, drop_last=True)
     # its own generator: creating the iterator must not consume the global RNG (drop path uses it)

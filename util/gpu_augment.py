@@ -21,23 +21,27 @@ TRIES = 10
 
 
 class JpegBytes(Dataset):
-    """The raw bytes of each image file of an ImageFolder or list dataset (no decoding)."""
+    """The raw bytes of each image (no decoding): the files of an image folder or list, the members
+    of WebDataset shards, the image column of a Hugging Face dataset."""
 
     def __init__(self, dataset: Dataset) -> None:
-        samples = getattr(dataset, "samples", None) or getattr(getattr(dataset, "dataset", None), "samples", None)
-        if samples is None:
+        source = getattr(dataset, "dataset", dataset)      # under SkipBadImages
+        self.samples = getattr(source, "samples", None)
+        self.source = source if hasattr(source, "raw_sample") else None
+        if self.samples is None and self.source is None:
             raise UserError("--gpu_decode reads JPEG files: give --data_path (the built-in digits have no files)")
-        self.samples = samples
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.source) if self.source is not None else len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        raw = Path(path).read_bytes()
+        if self.source is not None:
+            (raw, label), name = self.source.raw_sample(index), self.source.name(index)
+        else:
+            path, label = self.samples[index]
+            raw, name = Path(path).read_bytes(), path
         if raw[:2] != JPEG_MAGIC:
-            raise UserError(f"{path}: not a JPEG file; --gpu_decode decodes JPEGs only (convert the file, or "
-                            f"drop --gpu_decode)")
+            raise UserError(f"{name}: not a JPEG; --gpu_decode decodes JPEGs only (convert it, or drop --gpu_decode)")
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8), label
 
 
