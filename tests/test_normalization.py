@@ -131,3 +131,5 @@ def test_digits_with_dataset_statistics_round_trip_into_every_downstream_script(
         res = run_script("export.py", "--checkpoint", weights, "--format", fmt, "--output", str(tmp_path / fmt))
         assert res.returncode == 0, res.stderr
         assert config(json.loads((tmp_path / fmt / "config.json").read_text()))["mean"] == ckpt["normalization"]["mean"]
+        pixel = Stats(tuple(255 * m for m in expected.mean), tuple(255 * s for s in expected.std))
+        assert f"normalisation: {expected} on [0, 1] pixels" in res.stdout and f"RGB): {pixel}; see" in res.stdout
