@@ -74,7 +74,22 @@ class DigitsDataset(Dataset):
         return (self.transform(img) if self.transform else img), self.targets[index]
 
 
-class ImageListDataset(Dataset):
+class ImageFiles(Dataset):
+    """Images read from `samples`, a list of (path, label)."""
+
+    samples: list[tuple[str, int]]
+    transform: Callable | None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        return (self.transform(img) if self.transform else img), label
+
+
+class ImageListDataset(ImageFiles):
     """UM-MAE's list format: one 'relative/path label' per line, paths relative to `root`; for
     pretraining (`labelled` False) a line may be a path alone (label -1)."""
 
@@ -103,16 +118,8 @@ class ImageListDataset(Dataset):
         self.num_classes = max(self.targets, default=-1) + 1
         self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.samples)
 
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        img = load_rgb(path)
-        return (self.transform(img) if self.transform else img), label
-
-
-class ImageTree(Dataset):
+class ImageTree(ImageFiles):
     """Every image below `root`, at any depth, in sorted path order, without labels (-1): what
     pretraining reads from a folder of one's own images."""
 
@@ -123,14 +130,6 @@ class ImageTree(Dataset):
         self.targets = [-1] * len(self.samples)
         self.num_classes = 0
         self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        img = load_rgb(path)
-        return (self.transform(img) if self.transform else img), label
 
 
 def sorted_walk(root: Path):
