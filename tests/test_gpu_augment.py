@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms import v2  # noqa: F401 - transforms.v2 below
 
 from tests.helpers import run_script
 from util.gpu_augment import GpuPretrainAugment, JpegBytes, collate_bytes, sample_crop_boxes
@@ -150,3 +151,23 @@ def test_cuda_decode_keeps_the_device_index_and_orders_the_streams(monkeypatch):
     assert calls == ["current of cuda:1", "decode waits for training", "decode stream current", "decode on cuda:1",
                      "training stream current", "training waits for decode", "image used on training",
                      "image used on training"]
+
+
+@pytest.mark.parametrize("pixels_per_group", [2**25, 3000])   # one group; a group per image or two
+def test_batched_resized_crops_equal_torchvisions_per_image_resize(monkeypatch, pixels_per_group):
+    """The batch's crops resized at once equal torchvision's antialiased bicubic resized_crop of each
+    image on its own, rounded (all but rounding ties exactly), up- and downscaling: the float path,
+    which is what torchvision runs for uint8 images on CUDA (its fixed-point uint8 kernels are the CPU's)."""
+    import util.gpu_augment as gpu_augment
+    from torchvision.transforms.v2 import functional as TF
+    monkeypatch.setattr(gpu_augment, "PIXELS_PER_GROUP", pixels_per_group)
+    rng = np.random.RandomState(0)
+    sizes = [(60, 80), (90, 45), (24, 24), (200, 130), (31, 57)]
+    images = [torch.from_numpy(np.clip(rng.normal(128, 60, (3, h, w)), 0, 255).astype(np.uint8)) for h, w in sizes]
+    boxes = torch.tensor([[5, 7, 40, 50], [0, 0, 90, 45], [3, 2, 10, 20], [20, 10, 180, 100], [1, 30, 30, 27]])
+    ours = gpu_augment.resized_crops(images, boxes, 32)
+    for img, (top, left, h, w), mine in zip(images, boxes.tolist(), ours):
+        resize = dict(interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        exact = TF.resized_crop(img.float(), top, left, h, w, [32, 32], **resize).round().clamp(0, 255)
+        diff = (mine - exact).abs()
+        assert diff.max() <= 1 and (diff == 0).float().mean() > 0.999, (h, w)

@@ -3,15 +3,16 @@ the loader's workers only read the JPEG files' bytes; the batch is decoded on th
 (`torchvision.io.decode_jpeg`, nvJPEG on CUDA) and cropped, resized, flipped and normalised
 there. The crop boxes follow torchvision's RandomResizedCrop exactly (ten tries at a random
 area and log-ratio, else the centre crop at the clamped ratio), drawn for the whole batch at once
-from the run's own generator; resizing is bicubic with antialiasing, as on the CPU path.
+from the run's own generator; resizing is bicubic with antialiasing, as on the CPU path, for the
+whole batch in a few kernels (`resized_crops`).
 On a CPU device the same code decodes on the CPU, which is how it is tested."""
 import math
+import warnings
 from pathlib import Path
 
 import torch
 import torchvision
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as TF
 
 from util.errors import UserError
 from util.normalization import IMAGENET, Stats
@@ -124,11 +125,61 @@ class GpuPretrainAugment:
         """uint8 (3, H_i, W_i) images -> (N, 3, size, size) float, normalised. `generator`: the flips'
         (on the device), `box_generator`: the crop boxes' (on the CPU)."""
         sizes = torch.tensor([img.shape[-2:] for img in images])
-        boxes = sample_crop_boxes(sizes[:, 0], sizes[:, 1], self.scale, self.ratio, box_generator).tolist()
-        # images differ in size, so each crop is resized on its own (one kernel per image on the device)
-        crops = torch.stack([TF.resized_crop(img, top, left, h, w, [self.size, self.size],
-                                             interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-                             for img, (top, left, h, w) in zip(images, boxes)])
+        boxes = sample_crop_boxes(sizes[:, 0], sizes[:, 1], self.scale, self.ratio, box_generator)
+        crops = resized_crops(images, boxes, self.size)
         flip = torch.rand(len(images), device=self.device, generator=generator) < 0.5
         crops = torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
-        return (crops.float() / 255.0 - self.mean) / self.std
+        return (crops / 255.0 - self.mean) / self.std
+
+
+PIXELS_PER_GROUP = 2**25   # padded pixels resampled at once: 384 MiB as float32 x 3 channels
+
+
+def bicubic_aa_weights(starts: torch.Tensor, lengths: torch.Tensor, out_size: int, padded: int) -> torch.Tensor:
+    """(G,) crop starts and lengths along one axis -> (G, out_size, padded) resampling matrices: the
+    antialiased bicubic filter of PIL (a = -0.5, widened by the downscaling factor, rows normalised,
+    cut at the crop's edges), which torchvision's `antialias=True` bicubic resize also uses."""
+    device = starts.device
+    scale = (lengths.double() / out_size).view(-1, 1, 1)
+    center = starts.double().view(-1, 1, 1) + scale * (torch.arange(out_size, device=device, dtype=torch.double)
+                                                       .view(1, -1, 1) + 0.5)
+    j = torch.arange(padded, device=device, dtype=torch.double).view(1, 1, -1)
+    x = ((j + 0.5 - center) / scale.clamp(min=1.0)).abs()
+    a = -0.5
+    w = torch.where(x < 1, (a + 2) * x**3 - (a + 3) * x**2 + 1,
+                    torch.where(x < 2, a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a, torch.zeros_like(x)))
+    inside = (j >= starts.view(-1, 1, 1)) & (j < (starts + lengths).view(-1, 1, 1))
+    w = w * inside
+    return (w / w.sum(-1, keepdim=True)).float()
+
+
+def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (3, H_i, W_i) images, (N, 4) top/left/height/width boxes -> (N, 3, size, size) float in
+    [0, 255]: each box resized (antialiased bicubic, as torchvision's resized_crop, rounded as its uint8
+    output is) with a handful of kernels for the whole batch instead of several per image. Images are
+    grouped by area and padded to their group's largest, so that one oversized image does not pad
+    the batch; each group is two batched matrix products with per-image resampling matrices."""
+    device = images[0].device
+    order = sorted(range(len(images)), key=lambda i: images[i].shape[-2] * images[i].shape[-1])
+    out = torch.empty(len(images), 3, size, size, device=device)
+    boxes = boxes.to(device)
+    group: list[int] = []
+    tallest = widest = 0
+    for index in order + [None]:
+        if index is not None:
+            height, width = images[index].shape[-2:]
+            if not group or (len(group) + 1) * max(tallest, height) * max(widest, width) <= PIXELS_PER_GROUP:
+                group.append(index)
+                tallest, widest = max(tallest, height), max(widest, width)
+                continue
+        with warnings.catch_warnings():   # nested tensors: "prototype stage", used here only to pad
+            warnings.simplefilter("ignore", UserWarning)
+            padded = torch.nested.as_nested_tensor([images[i] for i in group]).to_padded_tensor(0).float()
+        g = torch.tensor(group, device=device)
+        top, left, h, w = boxes[g].unbind(1)
+        rows = bicubic_aa_weights(top, h, size, padded.shape[-2])
+        cols = bicubic_aa_weights(left, w, size, padded.shape[-1])
+        out[g] = (rows.unsqueeze(1) @ padded @ cols.transpose(1, 2).unsqueeze(1)).round_().clamp_(0, 255)
+        if index is not None:
+            group, (tallest, widest) = [index], images[index].shape[-2:]
+    return out
