@@ -1,7 +1,8 @@
-"""Patch masks for masked image modeling.
+"""Patch masks for masked image and video modeling.
 
 Every function returns a boolean (N, L) tensor, True = masked, on the device of its input, with
-exactly `num_masked` masked patches per image. They draw from an optional `torch.Generator`
+exactly `num_masked` masked patches per image (per clip: `frames` x `masked_per_frame` for the
+tube masks, whose token index is t * S + s for S spatial positions, time slowest). They draw from an optional `torch.Generator`
 (which must live on that device), loop over no images and never read values back to the host.
 """
 import math
@@ -83,6 +84,37 @@ def hard_patch_mask(pred_loss: torch.Tensor, num_masked: int, alpha: float, *,
         hard = torch.topk(pred_loss.float(), num_hard, dim=1).indices
         noise.scatter_(1, hard, -1.0)                                    # below every uniform draw
     return _mask_lowest(noise, num_masked)
+
+
+def num_masked_per_frame(num_spatial: int, mask_ratio: float) -> int:
+    """VideoMAE's rounding: int(r * S) masked positions per frame (176 of 196 at 0.9), where images
+    floor the visible count instead (`num_masked_patches`)."""
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask ratio {mask_ratio} must lie in (0, 1), e.g. --mask_ratio 0.9")
+    return int(mask_ratio * num_spatial)
+
+
+def tube_mask(batch_size: int, frames: int, num_spatial: int, masked_per_frame: int, *,
+              device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+    """VideoMAE's tube mask: one uniformly random set of `masked_per_frame` spatial positions per
+    clip, the same at each of the `frames` temporal positions. (N, frames * S)."""
+    return random_mask(batch_size, num_spatial, masked_per_frame, device=device, generator=generator).repeat(1, frames)
+
+
+def hard_tube_mask(pred_loss: torch.Tensor, frames: int, masked_per_frame: int, alpha: float, *,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """HPM on tubes (`--hard_unit tube`): the teacher's predicted losses (N, frames * S) averaged over
+    time to one score per spatial position; the int(masked_per_frame * alpha) hardest positions are
+    masked, the rest of the positions uniform, the same at every temporal position (so no masked
+    patch shows through its neighbours in time). (N, frames * S)."""
+    spatial = pred_loss.float().view(pred_loss.shape[0], frames, -1).mean(dim=1)
+    return hard_patch_mask(spatial, masked_per_frame, alpha, generator=generator).repeat(1, frames)
+
+
+def tube_means(values: torch.Tensor, frames: int) -> torch.Tensor:
+    """Per-token values of a tube mask's masked tokens (N, frames * m), in ascending token order
+    (so time-major), -> each tube's mean over time (N, m): what `--hard_unit tube` ranks."""
+    return values.view(values.shape[0], frames, -1).mean(dim=1)
 
 
 class RandomMasking:

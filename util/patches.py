@@ -1,4 +1,6 @@
-"""Patch layout shared by the model, the losses and the visualisations."""
+"""Patch layout shared by the model, the losses and the visualisations: image patches and video
+tubelets (VideoMAE's: token index t * (gh * gw) + h * gw + w, time slowest, as Conv3d's output
+flattens)."""
 import torch
 
 
@@ -24,6 +26,31 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3) -> tor
     x = patches.reshape(n, g, g, p, p, channels)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(n, channels, g * p, g * p)
+
+
+def tubelet_patchify(clips: torch.Tensor, tubelet_size: int, patch_size: int) -> torch.Tensor:
+    """(N, C, T, H, W) -> (N, L, t*p*p*C), L = T/t * H/p * W/p; values in (time-in-tubelet, row,
+    column, channel) order, VideoMAE's target layout."""
+    n, c, frames, h, w = clips.shape
+    t, p = tubelet_size, patch_size
+    if frames % t or h % p or w % p:
+        raise ValueError(f"clip of {frames} frames of {h}x{w} is not divisible into {t} x {p} x {p} tubelets")
+    gt, gh, gw = frames // t, h // p, w // p
+    x = clips.reshape(n, c, gt, t, gh, p, gw, p)
+    x = torch.einsum("ncasbpdq->nabdspqc", x)
+    return x.reshape(n, gt * gh * gw, t * p * p * c)
+
+
+def tubelet_unpatchify(tubelets: torch.Tensor, tubelet_size: int, patch_size: int, grid: tuple[int, int, int],
+                       channels: int = 3) -> torch.Tensor:
+    """(N, L, t*p*p*C) -> (N, C, T, H, W) for a (T/t, H/p, W/p) token grid; the inverse of
+    `tubelet_patchify`."""
+    n = tubelets.shape[0]
+    t, p = tubelet_size, patch_size
+    gt, gh, gw = grid
+    x = tubelets.reshape(n, gt, gh, gw, t, p, p, channels)
+    x = torch.einsum("nabdspqc->ncasbpdq", x)
+    return x.reshape(n, channels, gt * t, gh * p, gw * p)
 
 
 def gather_patches(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Fixed 2-D sin-cos position embeddings (MAE layout) and their resampling to a new grid."""
+"""Fixed sin-cos position embeddings: MAE's 2-D layout for images, VideoMAE's 1-D table over the
+flattened tokens of a clip, and their resampling to a new grid."""
 import torch
 from timm.layers import resample_abs_pos_embed
 
@@ -23,6 +24,17 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Tr
     table = torch.cat([_sincos_1d(embed_dim // 2, cols), _sincos_1d(embed_dim // 2, rows)], dim=1)
     if cls_token:
         table = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), table], dim=0)
+    return table.float()
+
+
+def get_1d_sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
+    """(num_positions, dim) float32: the transformer's table, VideoMAE's for clips: position x,
+    channel j: sin(x / 10000^(2 * (j // 2) / dim)) on even j, cos on odd j."""
+    positions = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    exponents = 2 * (torch.arange(dim, dtype=torch.float64) // 2) / dim
+    angles = positions / 10000 ** exponents[None, :]
+    table = torch.empty_like(angles)
+    table[:, 0::2], table[:, 1::2] = torch.sin(angles[:, 0::2]), torch.cos(angles[:, 1::2])
     return table.float()
 
 
