@@ -274,3 +274,33 @@ def test_torchrun_pretraining_on_shards_and_hf(sources, tmp_path, source):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "2 process(es)" in res.stdout and json.loads((out / "log.txt").read_text())["epoch"] == 0
+
+
+def test_column_flags_through_the_scripts(hf_folders, tmp_path):
+    """--image_column for an unlabelled dataset's pretraining; --label_column names the labels."""
+    import datasets
+    out = tmp_path / "pre"
+    main_pretrain.main(main_pretrain.get_args_parser().parse_args(
+        ["--data_path", f"hf:{hf_folders / 'unlabelled'}", "--image_column", "img", "--output_dir", str(out), *TINY]))
+    assert (out / "checkpoint-last.pth").is_file()
+    renamed = datasets.load_from_disk(str(hf_folders / "saved"))
+    renamed = datasets.DatasetDict({k: v.rename_columns({"image": "picture", "label": "fine_label"})
+                                    for k, v in renamed.items()})
+    renamed.save_to_disk(str(tmp_path / "renamed"))
+    argv = ["--data_path", f"hf:{tmp_path / 'renamed'}", "--image_column", "picture", "--label_column", "fine_label",
+            "--finetune", str(out / "checkpoint-last.pth"), "--output_dir", str(tmp_path / "ft"), *TINY]
+    main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
+    assert json.loads((tmp_path / "ft" / "log.txt").read_text())["test_count"] == 6
+
+
+def test_make_shards_turns_an_image_folder_into_shards_that_train(tmp_path):
+    from tests.helpers import make_image_folder, run_script
+    make_image_folder(tmp_path / "folder", classes=2, per_class=5, size=32)
+    make_image_folder(tmp_path / "folder", classes=2, per_class=2, size=32, split="val")
+    res = run_script("benchmarks/make_shards.py", "--data_path", str(tmp_path / "folder"), "--output",
+                     str(tmp_path / "shards"), "--per_shard", "4")
+    assert res.returncode == 0, res.stderr
+    assert "train: 10 samples in 3 shard(s)" in res.stdout and "val: 4 samples in 1 shard(s)" in res.stdout
+    train = build_dataset(str(tmp_path / "shards"), "train", None)
+    assert len(train) == 10 and sorted(train.targets) == [0] * 5 + [1] * 5 and train.targets != sorted(train.targets)
+    assert len(build_dataset(str(tmp_path / "shards" / "{split}" / "{split}-000000.tar"), "val", None)) == 4
