@@ -38,7 +38,8 @@ def hpm_parser() -> argparse.ArgumentParser:
     """The pretraining flags (parent of main_pretrain's parser and the benchmark's)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("HPM")
-    g.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches masked")
+    g.add_argument("--mask_ratio", type=float, default=None,
+                   help="share of patches masked (default: 0.75 for images, 0.9 for clips, VideoMAE's)")
     g.add_argument("--norm", choices=["imagenet", "dataset"], default="imagenet",
                    help="normalise with ImageNet's mean/std (the reference) or the training set's own, "
                         "computed at the start (--mean/--std give explicit values)")
@@ -72,6 +73,18 @@ def hpm_parser() -> argparse.ArgumentParser:
                         "loader's workers: for when the CPU loader is the bottleneck")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the student and the teacher: faster steps after a one-time compile")
+    g = p.add_argument_group("video (the videomae_* models)")
+    g.add_argument("--num_frames", type=int, default=16, help="frames per clip")
+    g.add_argument("--tubelet_size", type=int, default=2, help="frames per tubelet (the Conv3d's temporal kernel)")
+    g.add_argument("--sampling_rate", type=int, default=4,
+                   help="a clip takes every N-th frame of a video (VideoMAE: 4 for Kinetics-400, 2 for SSv2)")
+    g.add_argument("--hard_unit", choices=["tube", "token"], default="tube",
+                   help="HPM on clips: rank tubes (the teacher's predicted losses averaged over time; the mask stays "
+                        "a tube mask, so no masked patch shows through its neighbours in time) or single tokens (the "
+                        "image method on the longer sequence); the ranking objective uses the same unit")
+    g.add_argument("--mask_type", choices=["tube", "random"], default="tube",
+                   help="the VideoMAE baseline's mask (--no-learning_loss): VideoMAE's tube mask, or random per token")
+    g = p.add_argument_group("run")
     g.add_argument("--experiment", type=str, default=None,
                    help="name of the run: outputs go to output_dir/<experiment>")
     return p
@@ -92,6 +105,27 @@ def pretrain_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def check_pretrain_args(args: argparse.Namespace) -> None:
     """What main_pretrain checks before touching anything: each failure is one line naming the flag."""
     check_common(args)
+    video = models_hpm.is_video_model(args.model)
+    if args.mask_ratio is None:
+        args.mask_ratio = 0.9 if video else 0.75
+    if not video:
+        changed = [f for f, default in (("num_frames", 16), ("tubelet_size", 2), ("sampling_rate", 4),
+                                        ("hard_unit", "tube"), ("mask_type", "tube")) if getattr(args, f) != default]
+        if changed:
+            raise UserError(f"--{changed[0]} is for clips, but --model {args.model} takes images: use a videomae_* "
+                            f"model, or drop --{changed[0]}")
+    else:
+        for flag in ("mask_regular", "mask_block", "gpu_decode"):
+            if getattr(args, flag):
+                raise UserError(f"--{flag} is for images, but --model {args.model} takes clips: drop --{flag}")
+        if args.target in ("clip", "dino"):
+            raise UserError(f"--target {args.target} is an image model, but --model {args.model} takes clips: use "
+                            f"--target pixel or ema")
+        if args.num_frames < 1 or args.num_frames % args.tubelet_size:
+            raise UserError(f"--num_frames {args.num_frames} must be a positive multiple of --tubelet_size "
+                            f"{args.tubelet_size}")
+        if args.sampling_rate < 1:
+            raise UserError(f"--sampling_rate {args.sampling_rate} must be at least 1")
     if not 0.0 < args.mask_ratio < 1.0:
         raise UserError(f"--mask_ratio {args.mask_ratio} must lie in (0, 1), e.g. 0.75")
     if not 0.0 <= args.vis_mask_ratio < 1.0:
@@ -115,8 +149,13 @@ def check_pretrain_args(args: argparse.Namespace) -> None:
 
 
 def build_student(args: argparse.Namespace, target_dim: int | None = None) -> MaskedAutoencoderHPM:
-    kwargs = dict(mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss, learning_loss=args.learning_loss,
+    mask_ratio = args.mask_ratio if args.mask_ratio is not None else 0.9 if models_hpm.is_video_model(args.model) \
+        else 0.75
+    kwargs = dict(mask_ratio=mask_ratio, norm_pix_loss=args.norm_pix_loss, learning_loss=args.learning_loss,
                   relative=args.relative, vis_mask_ratio=args.vis_mask_ratio, target_dim=target_dim)
+    if models_hpm.is_video_model(args.model):
+        kwargs.update(num_frames=args.num_frames, tubelet_size=args.tubelet_size, hard_unit=args.hard_unit,
+                      mask_type=args.mask_type)
     if args.input_size is not None:
         kwargs["img_size"] = args.input_size
     try:
@@ -150,7 +189,7 @@ def build_target(args: argparse.Namespace) -> tuple[FrozenTarget | None, int | N
     with torch.device("meta"):
         probe = build_student(args)
     if args.target == "ema":
-        return None, probe.cls_token.shape[-1]
+        return None, probe.pos_embed.shape[-1]
     if args.target == "pixel":
         return None, None
     frozen = FrozenTarget(args.target, args.target_model, args.target_checkpoint, probe.patch_embed.img_size[0],
@@ -178,8 +217,9 @@ class PretrainTask:
         if has_teacher(args):
             self.teacher = HPMTeacher(student, args.epochs, args.compile, teacher_schedule(args, steps_per_epoch))
         self.frozen_target = frozen_target.to(device) if frozen_target is not None else None
-        try:
-            self.mask_policy = mask_policy(mask_kind(args), student.grid_size, student.num_masked)
+        try:   # clips: the network's own (tube or per-token random) masks
+            self.mask_policy = student.random_mask if student.video else \
+                mask_policy(mask_kind(args), student.grid_size, student.num_masked)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         self.device, self.amp_dtype, self.seed = device, amp_dtype, args.seed
@@ -316,9 +356,45 @@ def reconstruction_rows(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask:
 
 
 @torch.no_grad()
+def clip_rows(student: MaskedAutoencoderHPM, clips: torch.Tensor, mask: torch.Tensor, pred_loss: torch.Tensor | None,
+              stats: Stats = IMAGENET, every: int = 2) -> list[torch.Tensor]:
+    """The first clip, every `every`-th frame side by side: input, masked input (tubes visible),
+    reconstruction (visible tubelets pasted back; norm-pix predictions on each tubelet channel's own
+    scale), and the teacher's predicted-loss map of each frame's tubelets. Rows (frames, 3, H, W)."""
+    was_training = student.training
+    student.eval()
+    out = student(clips[:1], mask[:1])
+    student.train(was_training)
+    pixels = (clips[:1].float() * student.pixel_std + student.pixel_mean).clamp(0, 1)
+    tubelets = student.patchify(pixels)
+    visible = (~mask[:1]).unsqueeze(-1)
+    rows = [pixels, student.unpatchify(tubelets * visible)]
+    if student.target_dim is None:
+        pred = out.pred.float()
+        if student.norm_pix_loss:   # back from each channel of each tubelet standardised on its own
+            masked = gather_patches(tubelets, out.ids_masked).unflatten(-1, (-1, 3))
+            pred = (pred.unflatten(-1, (-1, 3)) * (masked.std(-2, keepdim=True) + 1e-6)
+                    + masked.mean(-2, keepdim=True)).flatten(-2)
+        recon = tubelets.clone().scatter_(1, out.ids_masked.unsqueeze(-1).expand(-1, -1, tubelets.shape[-1]), pred)
+        rows.append(student.unpatchify(recon).clamp(0, 1))
+    frames = range(0, clips.shape[2], every)
+    rows = [row[0].permute(1, 0, 2, 3)[list(frames)] for row in rows]       # (frames, 3, H, W)
+    if pred_loss is not None:
+        g = student.grid_size
+        heat = normalise_per_image(pred_loss[:1]).view(student.frames, g, g)
+        heat = heat_colors(heat[[f // student.tubelet_size for f in frames]]).permute(0, 3, 1, 2)
+        rows.append(torch.nn.functional.interpolate(heat, size=clips.shape[-2:], mode="nearest"))
+    return rows
+
+
+@torch.no_grad()
 def reconstruction_grid(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask: torch.Tensor,
                         pred_loss: torch.Tensor | None, stats: Stats = IMAGENET) -> torch.Tensor:
-    """Rows: input, masked input, reconstruction, the teacher's predicted-loss map (colour scale)."""
+    """Rows: input, masked input, reconstruction, the teacher's predicted-loss map (colour scale); for
+    clips the frames of the first clip (`clip_rows`)."""
+    if student.video:
+        rows = clip_rows(student, imgs, mask, pred_loss, stats)
+        return make_grid(torch.cat(rows).float().cpu(), nrow=rows[0].shape[0], padding=1)
     rows = reconstruction_rows(student, imgs, mask, stats)
     if pred_loss is not None:
         g = student.grid_size

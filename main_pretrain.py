@@ -1,5 +1,6 @@
-"""HPM (or, with --no-learning_loss, MAE) pretraining. `python main_pretrain.py` runs the
-built-in default: the tiny preset on scikit-learn's digits, in a few minutes on a CPU."""
+"""HPM (or, with --no-learning_loss, MAE) pretraining, on images or (the videomae_* models) clips.
+`python main_pretrain.py` runs the built-in default: the tiny preset on scikit-learn's digits, in
+a few minutes on a CPU; `--model videomae_vit_tiny_patch4` the same on the built-in moving digits."""
 import argparse
 import logging
 from pathlib import Path
@@ -13,7 +14,7 @@ from engine_pretrain import (PretrainTask, build_student, build_target, check_pr
                              pretrain_args_parser)
 from util.args import check_output_dir
 from util.checkpoint import FORMAT_PRETRAIN, find_resume, load_file
-from util.data import build_dataset, eval_transform, pretrain_transform, train_loader, with_transform
+from util.data import SkipBadImages, build_dataset, eval_transform, pretrain_transform, train_loader, with_transform
 from util.distributed import cleanup
 from util.errors import UserError, run_cli
 from util.gpu_augment import JpegBytes, collate_bytes
@@ -21,6 +22,7 @@ from util.normalization import IMAGENET, Stats, dataset_stats, explicit_stats
 from util.optim import effective_lr
 from util.precision import make_scaler, resolve_amp
 from util.process import start_process
+from util.video import ClipTransform, build_clip_dataset
 
 log = logging.getLogger("hpm")
 
@@ -29,7 +31,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return pretrain_args_parser(add_help)
 
 
-def pretraining_stats(args: argparse.Namespace, dataset) -> Stats:
+def frames_as_image(frames) -> torch.Tensor:
+    """(T, H, W, 3) uint8 frames -> (3, T * H, W) in [0, 1]: a clip's pixels as one image, for the statistics."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).flatten(1, 2).float() / 255.0
+
+
+def pretraining_stats(args: argparse.Namespace, dataset, video: bool = False) -> Stats:
     """--mean/--std, the training set's own (--norm dataset) or ImageNet's; recorded in args (and so
     in every checkpoint)."""
     stats = explicit_stats(args.mean, args.std)
@@ -38,8 +45,8 @@ def pretraining_stats(args: argparse.Namespace, dataset) -> Stats:
                         "--norm imagenet with them")
     source = "--mean/--std"
     if stats is None and args.norm == "dataset":
-        stats = dataset_stats(with_transform(dataset, transforms.ToTensor()), seed=args.seed,
-                              num_workers=args.num_workers)
+        stats = dataset_stats(with_transform(dataset, frames_as_image if video else transforms.ToTensor()),
+                              seed=args.seed, num_workers=args.num_workers)
         source = "computed from the training set"
     elif stats is None:
         stats, source = IMAGENET, "ImageNet's"
@@ -62,10 +69,18 @@ def main(args: argparse.Namespace) -> PretrainTask:
     torch.manual_seed(args.seed)   # the same initial student (and so teacher) on every process
     student = build_student(args, target_dim).to(device)
     args.input_size = student.patch_embed.img_size[0]
-    dataset = build_dataset(args.data_path, "train", None, args.bad_images, labelled=False,
-                            image_column=args.image_column, label_column=args.label_column)
-    stats = pretraining_stats(args, dataset)
-    dataset = with_transform(dataset, pretrain_transform(args.input_size, stats))
+    if student.video:
+        dataset = build_clip_dataset(args.data_path, "train", None, args.num_frames, args.sampling_rate,
+                                     labelled=False)
+        dataset = SkipBadImages(dataset) if args.bad_images == "skip" else dataset
+    else:
+        dataset = build_dataset(args.data_path, "train", None, args.bad_images, labelled=False,
+                                image_column=args.image_column, label_column=args.label_column)
+    stats = pretraining_stats(args, dataset, student.video)
+    student.set_pixel_stats(stats.mean, stats.std)
+    train_transform = ClipTransform(args.input_size, stats) if student.video else pretrain_transform(args.input_size,
+                                                                                                      stats)
+    dataset = with_transform(dataset, train_transform)
     loader = train_loader(JpegBytes(dataset) if args.gpu_decode else dataset, dist_info, args.batch_size,
                           args.num_workers, args.pin_mem and device.type == "cuda" and not args.gpu_decode,
                           args.seed, collate_bytes if args.gpu_decode else None)
@@ -73,8 +88,9 @@ def main(args: argparse.Namespace) -> PretrainTask:
     amp_dtype = resolve_amp(args.amp, device)
     preview = None
     if dist_info.is_main:
-        view = with_transform(dataset, eval_transform(args.input_size, stats, crop_pct=1.0))
-        preview = torch.stack([view[i][0] for i in range(min(8, len(view)))]).to(device)
+        view = with_transform(dataset, ClipTransform(args.input_size, stats, train=False) if student.video
+                              else eval_transform(args.input_size, stats, crop_pct=1.0))
+        preview = torch.stack([view[i][0] for i in range(min(2 if student.video else 8, len(view)))]).to(device)
     task = PretrainTask(student, args, device, amp_dtype, dist_info.world_size, preview, stats, frozen_target,
                         steps_per_epoch=len(loader) // args.accum_iter)
 

@@ -1,11 +1,17 @@
 """The HPM pretraining network: an MAE whose decoder input also feeds a loss predictor.
 
-With `learning_loss=False` the loss predictor is not built and the network is plain MAE.
+With `learning_loss=False` the loss predictor is not built and the network is plain MAE. With
+`num_frames` it takes clips (N, 3, T, H, W) through VideoMAE's tubelet embedding (and VideoMAE's
+conventions: no class token, fixed 1-D position tables, a bias-free `decoder_embed`, the
+per-channel tubelet-normalised target, tube masks); with the loss predictor off that is VideoMAE.
 State-dict keys follow the reference implementation, so its checkpoints load strictly.
 """
+import argparse
 import copy
+import json
 import re
 from contextlib import nullcontext
+from pathlib import Path
 from functools import partial
 from typing import Callable, ContextManager, NamedTuple
 
@@ -14,10 +20,14 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from util.losses import absolute_loss_prediction, feature_loss, reconstruction_loss, relative_loss_prediction
-from util.masking import hard_patch_mask, num_masked_patches, random_mask
-from util.patches import gather_patches, patchify, unpatchify
-from util.pos_embed import get_2d_sincos_pos_embed
+from util.errors import UserError
+from util.losses import (absolute_loss_prediction, feature_loss, reconstruction_loss, relative_loss_prediction,
+                         relative_loss_prediction_chunked, tubelet_normalised_target)
+from util.masking import (hard_patch_mask, hard_tube_mask, num_masked_patches, num_masked_per_frame, random_mask,
+                          tube_mask, tube_means)
+from util.normalization import IMAGENET
+from util.patches import gather_patches, patchify, tubelet_patchify, tubelet_unpatchify, unpatchify
+from util.pos_embed import get_1d_sinusoid_table, get_2d_sincos_pos_embed
 from util.registry import ModelRegistry
 from util.schedules import ema_half_life, hard_patch_alpha, teacher_decay
 
@@ -38,9 +48,33 @@ class HPMLosses(NamedTuple):
     recon_per_patch: torch.Tensor    # (N, M)
 
 
-def _blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
-    norm = partial(nn.LayerNorm, eps=1e-6)
+def _blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, eps: float = 1e-6) -> nn.ModuleList:
+    norm = partial(nn.LayerNorm, eps=eps)
     return nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
+
+
+class TubeletEmbed(nn.Module):
+    """VideoMAE's tubelet embedding: Conv3d with kernel = stride = (t, p, p); (N, C, T, H, W) ->
+    (N, L, D), token index t * (gh * gw) + h * gw + w (time slowest)."""
+
+    def __init__(self, img_size: int, patch_size: int, num_frames: int, tubelet_size: int, in_chans: int,
+                 embed_dim: int) -> None:
+        super().__init__()
+        if num_frames % tubelet_size:
+            raise ValueError(f"{num_frames} frames do not divide into tubelets of {tubelet_size}: use a multiple of "
+                             f"{tubelet_size} (--num_frames)")
+        self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.frames = num_frames // tubelet_size
+        self.num_patches = self.frames * self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv3d(in_chans, embed_dim, (tubelet_size, patch_size, patch_size),
+                              stride=(tubelet_size, patch_size, patch_size))
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.proj(clips).flatten(2).transpose(1, 2)
+
+
+HARD_UNITS = ("tube", "token")
 
 
 class MaskedAutoencoderHPM(nn.Module):
@@ -51,11 +85,19 @@ class MaskedAutoencoderHPM(nn.Module):
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  mlp_ratio: float = 4.0, mask_ratio: float = 0.75, norm_pix_loss: bool = False,
                  learning_loss: bool = True, relative: bool = True, vis_mask_ratio: float = 0.0,
-                 target_dim: int | None = None) -> None:
+                 target_dim: int | None = None, num_frames: int | None = None, tubelet_size: int = 2,
+                 hard_unit: str = "tube", mask_type: str = "tube", norm_eps: float = 1e-6,
+                 decoder_norm_eps: float = 1e-6) -> None:
+        """`num_frames` (None: images): clips of that many frames, tokenised in `tubelet_size` x
+        patch x patch tubelets; `hard_unit` (video HPM) ranks tubes or tokens, `mask_type` (video,
+        the loss predictor off) draws tube or per-token random masks. `norm_eps` / `decoder_norm_eps`:
+        the LayerNorms' (1e-6 in MAE and VideoMAE; other values only to load transformers' models)."""
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"input size {img_size} is not divisible by the patch size {patch_size}: "
                              f"use a multiple of {patch_size} (--input_size)")
+        if hard_unit not in HARD_UNITS or mask_type not in ("tube", "random"):
+            raise ValueError(f"hard_unit {hard_unit!r} / mask_type {mask_type!r}: use tube or token / tube or random")
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
@@ -63,39 +105,64 @@ class MaskedAutoencoderHPM(nn.Module):
         self.relative = relative
         self.vis_mask_ratio = vis_mask_ratio
         self.target_dim = target_dim          # None: pixels; else the width of the feature target
-        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.video = num_frames is not None
+        self.tubelet_size, self.hard_unit, self.mask_type = tubelet_size, hard_unit, mask_type
+        norm = partial(nn.LayerNorm, eps=norm_eps)
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        if self.video:
+            self.patch_embed = TubeletEmbed(img_size, patch_size, num_frames, tubelet_size, in_chans, embed_dim)
+            self.frames, self.num_spatial = self.patch_embed.frames, self.patch_embed.grid_size[0] ** 2
+            self.masked_per_frame = num_masked_per_frame(self.num_spatial, mask_ratio)
+            self.num_masked = self.frames * self.masked_per_frame
+        else:
+            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+            self.num_masked = num_masked_patches(self.patch_embed.num_patches, mask_ratio)
         self.grid_size = self.patch_embed.grid_size[0]
         num_patches = self.patch_embed.num_patches
-        self.num_masked = num_masked_patches(num_patches, mask_ratio)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.num_prefix = 0 if self.video else 1          # the class token (VideoMAE has none)
+        if not self.video:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix, embed_dim), requires_grad=False)
         if vis_mask_ratio > 0:
             self.vis_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio)
+        self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio, norm_eps)
         self.norm = norm(embed_dim)
 
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=not self.video)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix, decoder_embed_dim),
                                               requires_grad=False)
-        patch_dim = patch_size * patch_size * in_chans
-        self.decoder_blocks = _blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
-        self.decoder_norm = norm(decoder_embed_dim)
+        patch_dim = patch_size * patch_size * in_chans * (tubelet_size if self.video else 1)
+        self.decoder_blocks = _blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_eps)
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=decoder_norm_eps)
         self.decoder_pred = nn.Linear(decoder_embed_dim, target_dim or patch_dim)
         if learning_loss:
-            self.decoder_blocks_losspred = _blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
-            self.decoder_norm_losspred = norm(decoder_embed_dim)
+            self.decoder_blocks_losspred = _blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio,
+                                                   norm_eps)
+            self.decoder_norm_losspred = nn.LayerNorm(decoder_embed_dim, eps=decoder_norm_eps)
             self.decoder_pred_losspred = nn.Linear(decoder_embed_dim, patch_dim)
+        # the statistics the clips are normalised with: VideoMAE's target is the un-normalised clip
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET.mean).view(1, 3, 1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET.std).view(1, 3, 1, 1, 1), persistent=False)
         self.initialize_weights()
 
+    def set_pixel_stats(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """The normalisation of the input (what the video target un-normalises with)."""
+        self.pixel_mean.copy_(torch.tensor(mean).view(1, 3, 1, 1, 1))
+        self.pixel_std.copy_(torch.tensor(std).view(1, 3, 1, 1, 1))
+
     def initialize_weights(self) -> None:
-        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size))
-        self.decoder_pos_embed.data.copy_(get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size))
+        if self.video:
+            self.pos_embed.data.copy_(get_1d_sinusoid_table(self.patch_embed.num_patches, self.pos_embed.shape[-1]))
+            self.decoder_pos_embed.data.copy_(get_1d_sinusoid_table(self.patch_embed.num_patches,
+                                                                    self.decoder_pos_embed.shape[-1]))
+        else:
+            self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size))
+            self.decoder_pos_embed.data.copy_(get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1],
+                                                                      self.grid_size))
         proj = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
-        for token in (self.cls_token, self.mask_token, getattr(self, "vis_mask_token", None)):
+        for token in (getattr(self, "cls_token", None), self.mask_token, getattr(self, "vis_mask_token", None)):
             if token is not None:
                 nn.init.normal_(token, std=0.02)
         self.apply(self._init_layer)
@@ -111,12 +178,41 @@ class MaskedAutoencoderHPM(nn.Module):
             nn.init.zeros_(m.bias)
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, L, p*p*3)"""
+        """(N, 3, H, W) -> (N, L, p*p*3); clips (N, 3, T, H, W) -> (N, L, t*p*p*3)"""
+        if self.video:
+            return tubelet_patchify(imgs, self.tubelet_size, self.patch_size)
         return patchify(imgs, self.patch_size)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
-        """(N, L, p*p*3) -> (N, 3, H, W)"""
+        """(N, L, p*p*3) -> (N, 3, H, W); (N, L, t*p*p*3) -> (N, 3, T, H, W)"""
+        if self.video:
+            return tubelet_unpatchify(patches, self.tubelet_size, self.patch_size,
+                                      (self.frames, self.grid_size, self.grid_size), self.in_chans)
         return unpatchify(patches, self.patch_size, self.in_chans)
+
+    def pixel_target(self, imgs: torch.Tensor) -> torch.Tensor:
+        """What the reconstructor predicts at every token: for images the normalised patches (MAE's
+        norm-pix is applied in the loss), for clips VideoMAE's: the un-normalised clip's tubelets,
+        each channel of each tubelet standardised with norm_pix_loss. (N, L, P)"""
+        if not self.video:
+            return self.patchify(imgs)
+        tubelets = self.patchify(imgs.float() * self.pixel_std + self.pixel_mean)
+        return tubelet_normalised_target(tubelets, self.in_chans) if self.norm_pix_loss else tubelets
+
+    def random_mask(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The mask without a teacher (N, L): uniform for images, a tube mask (or, with mask_type random
+        or the token hard unit, uniform per token) for clips."""
+        if self.video and (self.mask_type == "tube" if not self.learning_loss else self.hard_unit == "tube"):
+            return tube_mask(batch_size, self.frames, self.num_spatial, self.masked_per_frame, device=device,
+                             generator=generator)
+        return random_mask(batch_size, self.patch_embed.num_patches, self.num_masked, device=device,
+                           generator=generator)
+
+    def hard_mask(self, pred_loss: torch.Tensor, alpha: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """HPM's mask from the predicted losses (N, L): the hardest patches (tubes or tokens) masked."""
+        if self.video and self.hard_unit == "tube":
+            return hard_tube_mask(pred_loss, self.frames, self.masked_per_frame, alpha, generator=generator)
+        return hard_patch_mask(pred_loss, self.num_masked, alpha, generator=generator)
 
     def mask_order(self, mask: torch.Tensor) -> torch.Tensor:
         """(N, L) bool -> (N, L) patch indices: visible ones ascending, then masked ones ascending."""
@@ -124,20 +220,22 @@ class MaskedAutoencoderHPM(nn.Module):
 
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None,
                         vis_mask: bool | None = None) -> torch.Tensor:
-        """(N, 3, H, W), visible ids (N, V) or None for all -> (N, 1 + V, D).
+        """(N, 3, H, W) (or clips), visible ids (N, V) or None for all -> (N, prefix + V, D), the prefix
+        being the class token (images) or nothing (clips).
 
         `vis_mask` (default: in training, with a mask) replaces a `vis_mask_ratio` share of the
         visible tokens by `vis_mask_token` (UM-MAE); the teacher's full-image pass asks for it too.
         """
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        x = self.patch_embed(imgs) + self.pos_embed[:, self.num_prefix:]
         if ids_keep is not None:
             x = gather_patches(x, ids_keep)
         if vis_mask is None:
             vis_mask = self.training and ids_keep is not None
         if vis_mask and self.vis_mask_ratio > 0:
             x = self._replace_visible(x, ids_keep)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        if self.num_prefix:
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -145,7 +243,7 @@ class MaskedAutoencoderHPM(nn.Module):
     def _replace_visible(self, x: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
         """UM-MAE: a `vis_mask_ratio` share of the visible tokens becomes `vis_mask_token` + pos."""
         n, v, _ = x.shape
-        token = (self.vis_mask_token + self.pos_embed[:, 1:]).expand(n, -1, -1)
+        token = (self.vis_mask_token + self.pos_embed[:, self.num_prefix:]).expand(n, -1, -1)
         if ids_keep is not None:
             token = gather_patches(token, ids_keep)
         num_kept = int(v * (1 - self.vis_mask_ratio))
@@ -153,27 +251,28 @@ class MaskedAutoencoderHPM(nn.Module):
         return torch.where(replace.unsqueeze(-1), token, x)
 
     def decoder_input(self, latent: torch.Tensor, ids: torch.Tensor | None, num_visible: int) -> torch.Tensor:
-        """[cls, visible tokens, mask tokens], each with its decoder position embedding.
+        """[cls (images), visible tokens, mask tokens], each with its decoder position embedding.
 
         `ids` (N, L) orders patches visible-first (see `mask_order`); None means nothing masked.
         """
         x = self.decoder_embed(latent)
-        pos = self.decoder_pos_embed[:, 1:].expand(x.shape[0], -1, -1)
+        k = self.num_prefix
+        pos = self.decoder_pos_embed[:, k:].expand(x.shape[0], -1, -1)
         if ids is not None:
             pos = gather_patches(pos, ids)
-        parts = [x[:, :1] + self.decoder_pos_embed[:, :1], x[:, 1:] + pos[:, :num_visible]]
+        parts = [x[:, :k] + self.decoder_pos_embed[:, :k], x[:, k:] + pos[:, :num_visible]]
         if ids is not None:
             parts.append(self.mask_token + pos[:, num_visible:])
         return torch.cat(parts, dim=1)
 
     def forward_decoder(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Reconstructor: (N, 1 + L, D') -> (N, 1 + L - start, p*p*3) for tokens from `start` on."""
+        """Reconstructor: (N, prefix + L, D') -> (N, prefix + L - start, P) for tokens from `start` on."""
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x[:, start:]))
 
     def forward_loss_predictor(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Loss predictor: (N, 1 + L, D') -> (N, 1 + L - start) predicted losses from `start` on."""
+        """Loss predictor: (N, prefix + L, D') -> (N, prefix + L - start) predicted losses from `start` on."""
         for blk in self.decoder_blocks_losspred:
             x = blk(x)
         return self.decoder_pred_losspred(self.decoder_norm_losspred(x[:, start:])).mean(dim=-1)
@@ -184,8 +283,9 @@ class MaskedAutoencoderHPM(nn.Module):
         num_visible = mask.shape[1] - self.num_masked
         latent = self.forward_encoder(imgs, ids[:, :num_visible])
         x = self.decoder_input(latent, ids, num_visible)
-        pred = self.forward_decoder(x, 1 + num_visible)
-        loss_pred = self.forward_loss_predictor(x, 1 + num_visible) if self.learning_loss else None
+        start = self.num_prefix + num_visible
+        pred = self.forward_decoder(x, start)
+        loss_pred = self.forward_loss_predictor(x, start) if self.learning_loss else None
         return HPMOutput(pred, loss_pred, latent, ids[:, num_visible:])
 
     @torch.no_grad()
@@ -198,8 +298,9 @@ class MaskedAutoencoderHPM(nn.Module):
         if losses:
             if not self.learning_loss:
                 raise RuntimeError("this model has no loss predictor (built with learning_loss=False)")
-            pred_loss = self.forward_loss_predictor(self.decoder_input(latent, None, latent.shape[1] - 1), 1)
-        return pred_loss, latent[:, 1:]
+            k = self.num_prefix
+            pred_loss = self.forward_loss_predictor(self.decoder_input(latent, None, latent.shape[1] - k), k)
+        return pred_loss, latent[:, self.num_prefix:]
 
     def predict_losses(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, L) the loss predictor's output with nothing masked."""
@@ -211,13 +312,27 @@ class MaskedAutoencoderHPM(nn.Module):
         if target_features is not None:
             recon, per_patch = feature_loss(out.pred, gather_patches(target_features, out.ids_masked))
         else:
-            recon, per_patch = reconstruction_loss(out.pred, gather_patches(self.patchify(imgs), out.ids_masked),
-                                                   self.norm_pix_loss)
+            recon, per_patch = reconstruction_loss(out.pred, gather_patches(self.pixel_target(imgs), out.ids_masked),
+                                                   self.norm_pix_loss and not self.video)
         if out.loss_pred is None:
             return HPMLosses(recon, recon, None, per_patch)
-        objective = relative_loss_prediction if self.relative else absolute_loss_prediction
-        loss_pred = objective(out.loss_pred, per_patch)
-        return HPMLosses(recon + loss_pred, recon, loss_pred, per_patch)
+        return HPMLosses(*self._with_objective(recon, out.loss_pred, per_patch))
+
+    def _with_objective(self, recon: torch.Tensor, loss_pred: torch.Tensor, per_patch: torch.Tensor):
+        """The loss-prediction objective on the masked patches' losses: per tube (the tokens' losses and
+        predictions averaged over time) or per token for clips, chunked so that the 1408 x 1408 pairs of a
+        clip fit; per patch for images."""
+        if self.video and self.hard_unit == "tube":
+            pred, target = tube_means(loss_pred, self.frames), tube_means(per_patch, self.frames)
+        else:
+            pred, target = loss_pred, per_patch
+        if not self.relative:
+            objective = absolute_loss_prediction(pred, target)
+        elif self.video and self.hard_unit == "token":
+            objective = relative_loss_prediction_chunked(pred, target)
+        else:
+            objective = relative_loss_prediction(pred, target)
+        return recon + objective, recon, objective, per_patch
 
 
 class HPMTeacher:
@@ -250,7 +365,9 @@ class HPMTeacher:
         return hard_patch_alpha(epoch, self.epochs)
 
     def num_hard(self, epoch: int) -> int:
-        return int(self.num_masked * self.alpha(epoch)) if self.has_loss_predictor else 0
+        """Patches (tubes, for the tube hard unit) chosen as hard in `epoch`."""
+        unit = self.model.masked_per_frame if self.model.video and self.model.hard_unit == "tube" else self.num_masked
+        return int(unit * self.alpha(epoch)) if self.has_loss_predictor else 0
 
     def scalars(self, epoch: int) -> dict[str, float]:
         values = {"teacher_decay": self.decay(epoch), "teacher_half_life_steps": ema_half_life(self.decay(epoch))}
@@ -279,15 +396,14 @@ class HPMTeacher:
         rest uniform. While that number is 0 the mask is uniform and the teacher does not run.
         `pred_loss`: the predicted losses when the caller already ran the teacher's pass."""
         timer = timer or (lambda phase: nullcontext())
-        n, num_patches = imgs.shape[0], self.model.patch_embed.num_patches
         if self.num_hard(epoch) <= 0:
             with timer("masking"):
-                return random_mask(n, num_patches, self.num_masked, device=imgs.device, generator=generator)
+                return self.model.random_mask(imgs.shape[0], imgs.device, generator)
         if pred_loss is None:
             with timer("teacher"), (precision or nullcontext)():
                 pred_loss = self.predict_losses(imgs)
         with timer("masking"):
-            return hard_patch_mask(pred_loss, self.num_masked, self.alpha(epoch), generator=generator)
+            return self.model.hard_mask(pred_loss, self.alpha(epoch), generator)
 
     def state_dict(self) -> dict:
         return self.model.state_dict()
@@ -328,6 +444,47 @@ def mae_vit_huge_patch14_dec512d8b(**kwargs) -> MaskedAutoencoderHPM:
     return MaskedAutoencoderHPM(**_decoder512d8b(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **kwargs))
 
 
+def _videomae(embed_dim: int, depth: int, num_heads: int, decoder_embed_dim: int, decoder_num_heads: int,
+              decoder_depth: int, **kwargs) -> MaskedAutoencoderHPM:
+    """VideoMAE's network (its scripts' decoder sizes), 16 frames of 224 x 224, tubelets 2 x 16 x 16."""
+    cfg = {"img_size": 224, "patch_size": 16, "num_frames": 16, "tubelet_size": 2, "mask_ratio": 0.9,
+           "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "decoder_embed_dim": decoder_embed_dim,
+           "decoder_depth": decoder_depth, "decoder_num_heads": decoder_num_heads, **kwargs}
+    return MaskedAutoencoderHPM(**cfg)
+
+
+@PRETRAIN_MODELS.register()
+def videomae_vit_tiny_patch4(**kwargs) -> MaskedAutoencoderHPM:
+    """CPU preset for clips: 16 frames of 32 x 32, tubelets 2 x 4 x 4 (512 tokens)."""
+    return _videomae(**{"img_size": 32, "patch_size": 4, **kwargs}, embed_dim=64, depth=2, num_heads=4,
+                     decoder_embed_dim=32, decoder_num_heads=4, decoder_depth=2)
+
+
+@PRETRAIN_MODELS.register()
+def videomae_vit_small_patch16(**kwargs) -> MaskedAutoencoderHPM:
+    return _videomae(384, 12, 6, 192, 3, 4, **kwargs)
+
+
+@PRETRAIN_MODELS.register()
+def videomae_vit_base_patch16(**kwargs) -> MaskedAutoencoderHPM:
+    return _videomae(768, 12, 12, 384, 6, 4, **kwargs)
+
+
+@PRETRAIN_MODELS.register()
+def videomae_vit_large_patch16(**kwargs) -> MaskedAutoencoderHPM:
+    return _videomae(1024, 24, 16, 512, 8, 12, **kwargs)
+
+
+@PRETRAIN_MODELS.register()
+def videomae_vit_huge_patch16(**kwargs) -> MaskedAutoencoderHPM:
+    return _videomae(1280, 32, 16, 640, 8, 12, **kwargs)
+
+
+def is_video_model(name: str) -> bool:
+    """Whether the pretraining model `name` takes clips (the videomae_* presets)."""
+    return name.startswith("videomae_")
+
+
 def create_pretrain_model(name: str, **kwargs) -> MaskedAutoencoderHPM:
     return PRETRAIN_MODELS.create(name, **kwargs)
 
@@ -336,3 +493,97 @@ def encoder_name(pretrain_name: str) -> str:
     """The classifier (models_vit) a pretraining model's encoder loads into: mae_vit_base_patch16 and
     mae_vit_base_patch16_dec512d8b -> vit_base_patch16."""
     return re.sub(r"_dec\d+d\d+b$", "", pretrain_name).removeprefix("mae_")
+
+
+# VideoMAE's presets, by encoder and decoder width: heads (its files do not say)
+_VIDEOMAE_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 16, 192: 3, 512: 8, 640: 8}
+
+
+def _named(ckpt: dict, override: str | None, path: str) -> str:
+    args = ckpt.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    for name in (override, ckpt.get("model_name"), ckpt.get("model") if isinstance(ckpt.get("model"), str) else None,
+                 args.get("model")):
+        if name:
+            return name
+    raise UserError(f"{path}: the checkpoint does not name its model; pass --model (e.g. mae_vit_base_patch16)")
+
+
+def _build(path: str, what: str, state: dict, make: Callable[..., MaskedAutoencoderHPM], **kwargs) -> MaskedAutoencoderHPM:
+    """The network `make(**kwargs)` with `state` loaded strictly (the fixed position tables and the
+    target statistics are the network's own), or a one-line error naming the checkpoint."""
+    kwargs["learning_loss"] = "decoder_pred_losspred.weight" in state
+    try:
+        model = make(**kwargs)
+        fixed = {k: v for k, v in model.state_dict().items() if k.endswith("pos_embed")}
+        model.load_state_dict({**fixed, **state})
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(f"{what} {path} does not fit the network it describes ({str(exc).splitlines()[0][:160]})") from None
+    return model
+
+
+def _from_transformers(folder: Path, what: str) -> MaskedAutoencoderHPM:
+    """A transformers ViTMAEForPreTraining or VideoMAEForPreTraining folder (config.json + weights)."""
+    from safetensors.torch import load_file as load_safetensors
+
+    from util.formats import from_hf_pretraining
+    config = json.loads((folder / "config.json").read_text())
+    kind = config.get("model_type")
+    if kind not in ("vit_mae", "videomae") or not (folder / "model.safetensors").is_file():
+        raise UserError(f"{what} {folder}: not a transformers ViTMAE / VideoMAE folder (config.json model_type "
+                        f"{kind!r}, model.safetensors); pass a pretraining checkpoint or such a folder")
+    video = kind == "videomae"
+    state = from_hf_pretraining(load_safetensors(str(folder / "model.safetensors")), video)
+    kwargs = dict(img_size=config["image_size"], patch_size=config["patch_size"], embed_dim=config["hidden_size"],
+                  depth=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+                  mlp_ratio=config["intermediate_size"] / config["hidden_size"],
+                  decoder_embed_dim=config["decoder_hidden_size"], decoder_depth=config["decoder_num_hidden_layers"],
+                  decoder_num_heads=config["decoder_num_attention_heads"],
+                  norm_pix_loss=config.get("norm_pix_loss", False), norm_eps=config["layer_norm_eps"])
+    if video:   # its decoder's final LayerNorm keeps torch's default eps
+        kwargs.update(num_frames=config["num_frames"], tubelet_size=config["tubelet_size"], mask_ratio=0.9,
+                      decoder_norm_eps=1e-5)
+    else:
+        kwargs.update(mask_ratio=config.get("mask_ratio", 0.75), decoder_norm_eps=config["layer_norm_eps"])
+    return _build(str(folder), what, state, MaskedAutoencoderHPM, **kwargs)
+
+
+def load_pretrain_model(path: str, model: str | None = None, teacher: bool = False, what: str = "--checkpoint",
+                        **overrides) -> MaskedAutoencoderHPM:
+    """Build and load any supported pretraining checkpoint, images or clips: ours (student, or
+    `teacher`), the reference HPM's, MAE's full pretraining file, VideoMAE's own pretraining file, and
+    transformers ViTMAEForPreTraining / VideoMAEForPreTraining folders. `model` names the preset where
+    the file does not; `overrides` (e.g. mask_ratio, num_frames, img_size) go to the network."""
+    from util.checkpoint import clean_state_dict, load_file, pick_state_dict
+    from util.formats import from_videomae
+    folder = Path(path)
+    if folder.is_dir():
+        return _from_transformers(folder, what)
+    ckpt = load_file(path, what)
+    if "encoder.patch_embed.proj.weight" in ckpt.get("model", {}):   # VideoMAE's own file: 16 x 224 unless told
+        state = from_videomae(ckpt["model"])
+        proj, dim = state["patch_embed.proj.weight"], state["decoder_embed.weight"].shape[0]
+        kwargs = dict(num_frames=16, img_size=224, patch_size=proj.shape[-1], tubelet_size=proj.shape[2],
+                      embed_dim=proj.shape[0], num_heads=_VIDEOMAE_HEADS.get(proj.shape[0], max(1, proj.shape[0] // 64)),
+                      depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
+                      decoder_embed_dim=dim, decoder_num_heads=_VIDEOMAE_HEADS.get(dim, max(1, dim // 64)),
+                      decoder_depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks.")),
+                      mask_ratio=0.9)
+        return _build(path, what, state, MaskedAutoencoderHPM, **{**kwargs, **overrides})
+    name = _named(ckpt, model, path)
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    state = clean_state_dict(pick_state_dict(ckpt, teacher, path, what), keep_decoders=True)
+    if "decoder_pred.weight" not in state:
+        raise UserError(f"{what} {path}: no reconstruction decoder (a fine-tuned or exported encoder?); pass a "
+                        f"pretraining checkpoint")
+    probe = create_pretrain_model(name, learning_loss=False, **overrides)
+    pred_width = state["decoder_pred.weight"].shape[0]
+    kwargs = dict(norm_pix_loss=bool(args.get("norm_pix_loss", False)), relative=bool(args.get("relative", True)),
+                  vis_mask_ratio=float(args.get("vis_mask_ratio", 0.0)),
+                  target_dim=None if pred_width == probe.decoder_pred.weight.shape[0] else pred_width)
+    for key in ("mask_ratio", "hard_unit", "mask_type"):
+        if args.get(key) is not None:
+            kwargs[key] = args[key]
+    grid = round(((state["pos_embed"].shape[1] - probe.num_prefix) / getattr(probe, "frames", 1)) ** 0.5)
+    kwargs.update(img_size=grid * probe.patch_size, **overrides)
+    return _build(path, what, state, lambda **kw: create_pretrain_model(name, **kw), **kwargs)

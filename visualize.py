@@ -18,7 +18,7 @@ from PIL import Image
 import models_hpm
 from engine_pretrain import reconstruction_rows
 from util.args import HelpFormatter
-from util.checkpoint import clean_state_dict, load_file, pick_state_dict, write_bytes_atomic
+from util.checkpoint import load_file, write_bytes_atomic
 from util.colormap import VIRIDIS_ANCHORS, normalise_per_image
 from util.data import IMG_EXTENSIONS, build_dataset, eval_transform, load_rgb
 from util.errors import UserError, run_cli
@@ -77,46 +77,14 @@ def image_paths(inputs: list[str], limit: int) -> list[Path]:
     return paths[:limit]
 
 
-def model_name(ckpt: dict, override: str | None, path: str) -> str:
-    args = ckpt.get("args")
-    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-    for name in (override, ckpt.get("model_name"), ckpt.get("model") if isinstance(ckpt.get("model"), str) else None,
-                 args.get("model")):
-        if name:
-            return name
-    raise UserError(f"--checkpoint {path}: it does not name its model; pass --model (e.g. mae_vit_base_patch16)")
-
-
 def load_networks(path: str, override: str | None, mask_ratio: float):
     """The student (with its decoders) and, where the checkpoint has one, the teacher."""
-    ckpt = load_file(path, "--checkpoint")
-    name = model_name(ckpt, override, path)
-    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    state = clean_state_dict(pick_state_dict(ckpt, False, path, "--checkpoint"), keep_decoders=True)
-    if "decoder_pred.weight" not in state:
-        raise UserError(f"--checkpoint {path}: no reconstruction decoder (a fine-tuned or exported encoder?); "
-                        f"pass a pretraining checkpoint")
-    grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
-    patch = state["patch_embed.proj.weight"]
-    pred_width = state["decoder_pred.weight"].shape[0]
-    kwargs = dict(mask_ratio=mask_ratio, norm_pix_loss=bool(args.get("norm_pix_loss", False)),
-                  learning_loss="decoder_pred_losspred.weight" in state,
-                  vis_mask_ratio=float(args.get("vis_mask_ratio", 0.0)),
-                  target_dim=None if pred_width == patch.shape[1] * patch.shape[2] * patch.shape[3] else pred_width)
-    try:
-        student = models_hpm.create_pretrain_model(name, **kwargs)
-        kwargs["img_size"] = grid * student.patch_size
-        student = models_hpm.create_pretrain_model(name, **kwargs)
-        student.load_state_dict(state)
-    except (ValueError, RuntimeError) as exc:
-        raise UserError(f"--checkpoint {path} does not fit model {name} ({str(exc).splitlines()[0][:160]}); "
-                        f"pass --model") from None
+    student = models_hpm.load_pretrain_model(path, override, mask_ratio=mask_ratio)
+    ckpt = load_file(path, "--checkpoint", mmap=True)
     teacher = None
-    teacher_key = "teacher" if "teacher" in ckpt else "ema_state_dict"
-    if isinstance(ckpt.get(teacher_key), dict) and kwargs["learning_loss"]:
-        teacher = models_hpm.create_pretrain_model(name, **kwargs)
-        teacher.load_state_dict(clean_state_dict(ckpt[teacher_key], keep_decoders=True))
-    return student.eval(), (teacher.eval() if teacher is not None else None), stats_in_checkpoint(ckpt) or IMAGENET
+    if student.learning_loss and isinstance(ckpt.get("teacher", ckpt.get("ema_state_dict")), dict):
+        teacher = models_hpm.load_pretrain_model(path, override, teacher=True, mask_ratio=mask_ratio).eval()
+    return student.eval(), teacher, stats_in_checkpoint(ckpt) or IMAGENET
 
 
 def draw(rows: list[torch.Tensor], heat: torch.Tensor | None, labels: list[str], output: Path) -> None:

@@ -102,6 +102,73 @@ def from_hf(state: dict) -> dict:
     return out
 
 
+def _hf_layers(state: dict, theirs: str, ours: str, qkv: str = "attention.attention") -> dict:
+    """transformers' layers `theirs`{i}.* (separate query / key / value, a key bias or none) -> our
+    timm blocks `ours`{i}.* (one qkv; a missing key bias is 0, which changes nothing: it adds the same
+    number to every logit of a query's row)."""
+    out = {}
+    depth = 1 + max(int(k[len(theirs):].split(".")[0]) for k in state if k.startswith(theirs))
+    for i in range(depth):
+        src, dst = f"{theirs}{i}.", f"{ours}{i}."
+        q, k, v = (state[f"{src}{qkv}.{n}.weight"] for n in ("query", "key", "value"))
+        out[f"{dst}attn.qkv.weight"] = torch.cat([q, k, v])
+        q_bias = state.get(f"{src}{qkv}.query.bias", state.get(f"{src}{qkv}.q_bias"))   # VideoMAE saves q_bias
+        v_bias = state.get(f"{src}{qkv}.value.bias", state.get(f"{src}{qkv}.v_bias"))
+        if q_bias is not None:
+            k_bias = state.get(f"{src}{qkv}.key.bias", torch.zeros_like(q_bias))
+            out[f"{dst}attn.qkv.bias"] = torch.cat([q_bias, k_bias, v_bias])
+        for mine, their in _HF_BLOCK.items():
+            for kind in ("weight", "bias"):
+                out[f"{dst}{mine}.{kind}"] = state[f"{src}{their}.{kind}"]
+    return out
+
+
+def from_hf_pretraining(state: dict, video: bool) -> dict:
+    """transformers' ViTMAEForPreTraining / VideoMAEForPreTraining (or their encoder models) -> our
+    pretraining network's keys; VideoMAE's fixed position tables are not saved (the network computes them)."""
+    prefix = "videomae." if video else "vit."
+    enc = {k.removeprefix(prefix): v for k, v in state.items()}
+    out = {"patch_embed.proj.weight": enc["embeddings.patch_embeddings.projection.weight"],
+           "patch_embed.proj.bias": enc["embeddings.patch_embeddings.projection.bias"],
+           **_hf_layers(enc, "encoder.layer.", "blocks.")}
+    if "layernorm.weight" in enc:
+        out["norm.weight"], out["norm.bias"] = enc["layernorm.weight"], enc["layernorm.bias"]
+    if not video:   # ViTMAE saves its (fixed) tables: they are loaded as they are
+        out["cls_token"], out["pos_embed"] = enc["embeddings.cls_token"], enc["embeddings.position_embeddings"]
+    if video and "encoder_to_decoder.weight" in state:
+        out.update({"decoder_embed.weight": state["encoder_to_decoder.weight"], "mask_token": state["mask_token"],
+                    "decoder_norm.weight": state["decoder.norm.weight"], "decoder_norm.bias": state["decoder.norm.bias"],
+                    "decoder_pred.weight": state["decoder.head.weight"], "decoder_pred.bias": state["decoder.head.bias"],
+                    **_hf_layers(state, "decoder.decoder_layers.", "decoder_blocks.")})
+    elif not video and "decoder.decoder_embed.weight" in state:
+        out.update({f"decoder_{n}.{kind}": state[f"decoder.decoder_{n}.{kind}"]
+                    for n in ("embed", "norm", "pred") for kind in ("weight", "bias")})
+        out["mask_token"], out["decoder_pos_embed"] = state["decoder.mask_token"], state["decoder.decoder_pos_embed"]
+        out.update(_hf_layers(state, "decoder.decoder_encoder.layer.", "decoder_blocks."))
+    return out
+
+
+_VIDEOMAE_RENAMES = (("encoder.blocks.", "blocks."), ("decoder.blocks.", "decoder_blocks."), ("encoder.", ""),
+                     ("decoder.norm.", "decoder_norm."), ("decoder.head.", "decoder_pred."),
+                     ("encoder_to_decoder.", "decoder_embed."))
+
+
+def from_videomae(state: dict) -> dict:
+    """VideoMAE's own pretraining file ({"model": ...} with `encoder.` / `decoder.` prefixes, q_bias and
+    v_bias) -> our pretraining network's keys (the key bias, which VideoMAE does not have, is 0)."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("attn.v_bias"):
+            continue
+        name = next((mine + key[len(theirs):] for theirs, mine in _VIDEOMAE_RENAMES if key.startswith(theirs)), key)
+        if key.endswith("attn.q_bias"):
+            v_bias = state[key.removesuffix("q_bias") + "v_bias"]
+            out[name.removesuffix("q_bias") + "qkv.bias"] = torch.cat([value, torch.zeros_like(value), v_bias])
+        else:
+            out[name] = value
+    return out
+
+
 def hf_config(arch: dict) -> dict:
     """config.json of a transformers ViTMAEModel (mask_ratio 0: nothing masked)."""
     return {"architectures": ["ViTMAEModel"], "model_type": "vit_mae", "hidden_size": arch["embed_dim"],
