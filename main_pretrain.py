@@ -110,7 +110,8 @@ def main(args: argparse.Namespace) -> PretrainTask:
               dist_info, output_dir, FORMAT_PRETRAIN, args, writer)
     start, _ = run.resume(resume_path)
     log.info(f"{task.name} pretraining of {args.model} ({task.num_parameters / 1e6:.2f} M parameters) on "
-             f"{len(dataset)} images, {dist_info.world_size} process(es) on {device}, lr {args.lr:.3g}, "
+             f"{len(dataset)} {'clips' if student.video else 'images'}, {dist_info.world_size} process(es) on {device}, "
+             f"lr {args.lr:.3g}, "
              f"effective batch {args.batch_size * args.accum_iter * dist_info.world_size}, amp {amp_dtype}")
     fit(run, start)
     cleanup()
