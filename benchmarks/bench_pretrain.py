@@ -158,8 +158,9 @@ def main() -> None:
 
     student, step = make_step(args.learning_loss)
     size = student.patch_embed.img_size[0]
-    imgs = torch.randn(args.batch_size, 3, size, size, device=device)
-    mode = "HPM" if args.learning_loss else "MAE"
+    clip = (args.num_frames,) if student.video else ()          # clips (N, 3, T, H, W) for the videomae_* models
+    imgs = torch.randn(args.batch_size, 3, *clip, size, size, device=device)
+    mode = ("HPM" if args.learning_loss else "VideoMAE" if student.video else "MAE")
     steps = {mode: step}
     if args.paired_mae:
         steps["MAE"] = make_step(False)[1]

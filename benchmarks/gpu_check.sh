@@ -2,7 +2,8 @@
 # The GPU acceptance run, in parts that each end well inside 8 minutes on one H200:
 #
 #   bash benchmarks/gpu_check.sh bench     # ViT-B/16 HPM and MAE (paired, bf16, eager, batch 128), ViT-L/16
-#                                          # HPM (batch 64), fp16 with the gradient scaler, masking
+#                                          # HPM (batch 64), fp16 with the gradient scaler, masking, and video
+#                                          # HPM paired with VideoMAE (ViT-B, 16 x 224, batch 32)
 #   bash benchmarks/gpu_check.sh compile   # ViT-B/16 HPM and MAE compiled (batch 256), the cold compile timed
 #   bash benchmarks/gpu_check.sh e2e       # torchrun pretraining stopped by SIGTERM and resumed, fine-tuning,
 #                                          # linear probing, kNN, export, a one-epoch ablation (2 runs at once)
@@ -15,7 +16,7 @@
 # default benchmarks/results/gpu_check): gpu_check_<part>.json and .md (the summary) and
 # gpu_check_<part>_logs.tar.gz (every step's log and JSON), three files per call.
 # Packages the GPU machine lacks travel as wheels in .whl/ (benchmarks/gpu_wheels.sh prepares them);
-# when .whl/ exists they are installed first, into /tmp/site.
+# when .whl/ exists they are installed first, into $HPM_GPU_WORK/site (not in the tiny CPU mode).
 # HPM_GPU_CHECK_TINY=1 runs the same steps with tiny models and data on the CPU (the test suite
 # does, so that the script cannot rot between GPU runs).
 set -uo pipefail
@@ -29,10 +30,11 @@ out="${OUT:-benchmarks/results/gpu_check}"
 work="${HPM_GPU_WORK:-/tmp/hpm_gpu_check}/$part"
 rm -rf "$work"
 mkdir -p "$out" "$work"
-if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+if [ "${HPM_GPU_CHECK_TINY:-0}" != 1 ] && ls .whl/*.whl > /dev/null 2>&1; then   # the GPU machine's missing packages
+    site="${HPM_GPU_WORK:-/tmp/hpm_gpu_check}/site"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
         .whl/*.whl || exit 1
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
 status="$work/status.tsv"
@@ -50,7 +52,8 @@ step() {   # step NAME EXPECTED_EXIT COMMAND...: run, log to $work/NAME.log, rec
 }
 
 if [ "${HPM_GPU_CHECK_TINY:-0}" = 1 ]; then
-    device=cpu; amp=none; compile=(); base=mae_vit_tiny_patch4; large=mae_vit_tiny_patch4
+    device=cpu; amp=none; compile=(); base=mae_vit_tiny_patch4; large=mae_vit_tiny_patch4; video=videomae_vit_tiny_patch4
+    video_batch=2
     small=mae_vit_tiny_patch4; classifier=vit_tiny_patch4; batches=(8 16); large_batch=8
     bench=(--iters 2 --warmup 1 --threads 1 --probe_seconds 0.1); images=(--train 64 --val 32 --classes 4 --min_size 40 --max_size 56)
     e2e=(--batch_size 8 --num_workers 1); stop_at=5; workers=(0 1); loader=(--batch_size 8 --batches 3 --input_size 32)
@@ -58,6 +61,7 @@ if [ "${HPM_GPU_CHECK_TINY:-0}" = 1 ]; then
     decode=(--batch_size 8 --num_workers 1 --epochs 2)
 else
     device=cuda; amp=bf16; compile=(--compile); base=mae_vit_base_patch16; large=mae_vit_large_patch16
+    video=videomae_vit_base_patch16; video_batch=32
     small=mae_vit_small_patch16; classifier=vit_small_patch16; batches=(128 256); large_batch=64
     bench=(--iters 10 --warmup 3 --probe_seconds 0.25); images=(--train 4096 --val 512 --classes 10 --min_size 256 --max_size 320)
     e2e=(--batch_size 128 --num_workers 16); stop_at=20; workers=(8 16); loader=(--batch_size 256 --batches 10)
@@ -78,6 +82,9 @@ bench_part() {
     step bench_vit_b_fp16 0 python benchmarks/bench_pretrain.py --model "$base" --batch_size "${batches[0]}" \
         --amp "$([ $amp = none ] && echo none || echo fp16)" --device "$device" "${bench[@]}" --json "$work/bench_vit_b_fp16.json"
     step bench_masking 0 python benchmarks/bench_masking.py --device "$device" --batch_size "${batches[1]}"
+    step "bench_video_b_bs${video_batch}" 0 python benchmarks/bench_pretrain.py --model "$video" \
+        --batch_size "$video_batch" --amp "$amp" --device "$device" --paired_mae "${bench[@]}" \
+        --json "$work/bench_video_b_bs${video_batch}.json"
 }
 
 compile_part() {

@@ -43,7 +43,7 @@ def final_losses(work: Path, name: str) -> list[float]:
 def figures(work: Path, name: str) -> dict:
     """What a step measured, as a flat dict (empty for steps that only pass or fail)."""
     path = work / f"{name}.json"
-    if name.startswith("bench_vit") and path.is_file():
+    if name.startswith(("bench_vit", "bench_video")) and path.is_file():
         result = json.loads(path.read_text())
         return {f"{mode} {key}": r[key] for mode, r in bench_rows(result)
                 for key in ("images_per_s", "mfu", "peak_mem_bytes", "iter_s_median")}

@@ -100,7 +100,7 @@ def test_flop_count_of_cuda_attention_backward_leaves_out_the_recomputation():
 
 
 GPU_CHECK_STEPS = {
-    "bench": ["bench_vit_b_bs8_eager", "bench_vit_l_bs8", "bench_vit_b_fp16", "bench_masking"],
+    "bench": ["bench_vit_b_bs8_eager", "bench_vit_l_bs8", "bench_vit_b_fp16", "bench_masking", "bench_video_b_bs2"],
     "compile": ["bench_vit_b_bs16_compile"],
     "e2e": ["make_jpegs", "pretrain_stopped", "pretrain_stop_saved", "pretrain_resumed", "finetune", "linprobe", "knn",
             "export", "ablation"],
@@ -160,3 +160,16 @@ def test_loader_benchmark_times_every_source_on_the_same_images(tmp_path):
     assert set(result["sources"]) == {"reference", "folder", "shards", "hf"}
     for figures in result["sources"].values():
         assert set(figures["images_per_s"]) == {"0", "1"} and figures["workers_for_goal"] > 0
+
+
+@pytest.mark.slow
+def test_pretrain_benchmark_takes_the_video_presets(tmp_path):
+    """Video HPM paired with VideoMAE on clips (N, 3, T, H, W): FLOPs, MFU, the teacher's share."""
+    out = tmp_path / "video.json"
+    res = run_script("benchmarks/bench_pretrain.py", "--model", "videomae_vit_tiny_patch4", "--batch_size", "2",
+                     "--iters", "2", "--warmup", "1", "--threads", "1", "--probe_seconds", "0.1", "--paired_mae",
+                     "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    assert all(result[k] > 0 for k in KEYS) and result["phase_s"]["teacher"] > 0
+    assert result["paired_mae"]["flops_per_iter"] < result["flops_per_iter"]
