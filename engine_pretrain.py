@@ -71,6 +71,9 @@ def hpm_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpu_decode", action="store_true",
                    help="decode the JPEGs and augment (crop, flip, normalise) on the device instead of in the "
                         "loader's workers: for when the CPU loader is the bottleneck")
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute each transformer block's activations in the backward pass instead of keeping "
+                        "them: far less memory (video, ViT-L/H) for about one more forward pass; the same losses")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the student and the teacher: faster steps after a one-time compile")
     g = p.add_argument_group("video (the videomae_* models)")
@@ -152,7 +155,8 @@ def build_student(args: argparse.Namespace, target_dim: int | None = None) -> Ma
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else 0.9 if models_hpm.is_video_model(args.model) \
         else 0.75
     kwargs = dict(mask_ratio=mask_ratio, norm_pix_loss=args.norm_pix_loss, learning_loss=args.learning_loss,
-                  relative=args.relative, vis_mask_ratio=args.vis_mask_ratio, target_dim=target_dim)
+                  relative=args.relative, vis_mask_ratio=args.vis_mask_ratio, target_dim=target_dim,
+                  grad_checkpointing=args.grad_checkpointing)
     if models_hpm.is_video_model(args.model):
         kwargs.update(num_frames=args.num_frames, tubelet_size=args.tubelet_size, hard_unit=args.hard_unit,
                       mask_type=args.mask_type)

@@ -57,7 +57,7 @@ BUILTIN_VARIANTS = {
 PER_RUN_DESTS = ("output_dir", "seed", "resume", "auto_resume", "log_dir", "experiment", "start_epoch")
 # Where and how a run is executed rather than what it computes: may change between calls.
 RUNTIME_DESTS = ("output_dir", "device", "num_workers", "pin_mem", "dist_url", "dist_timeout", "print_freq",
-                 "save_retry", "max_skipped_steps", "bad_images")
+                 "save_retry", "max_skipped_steps", "bad_images", "grad_checkpointing")
 STAGES_ENTRY = "--run-stages-of-one-run"   # internal: see execute()
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 

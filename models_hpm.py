@@ -17,6 +17,7 @@ from typing import Callable, ContextManager, NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
@@ -87,7 +88,7 @@ class MaskedAutoencoderHPM(nn.Module):
                  learning_loss: bool = True, relative: bool = True, vis_mask_ratio: float = 0.0,
                  target_dim: int | None = None, num_frames: int | None = None, tubelet_size: int = 2,
                  hard_unit: str = "tube", mask_type: str = "tube", norm_eps: float = 1e-6,
-                 decoder_norm_eps: float = 1e-6) -> None:
+                 decoder_norm_eps: float = 1e-6, grad_checkpointing: bool = False) -> None:
         """`num_frames` (None: images): clips of that many frames, tokenised in `tubelet_size` x
         patch x patch tubelets; `hard_unit` (video HPM) ranks tubes or tokens, `mask_type` (video,
         the loss predictor off) draws tube or per-token random masks. `norm_eps` / `decoder_norm_eps`:
@@ -107,6 +108,7 @@ class MaskedAutoencoderHPM(nn.Module):
         self.target_dim = target_dim          # None: pixels; else the width of the feature target
         self.video = num_frames is not None
         self.tubelet_size, self.hard_unit, self.mask_type = tubelet_size, hard_unit, mask_type
+        self.grad_checkpointing = grad_checkpointing
         norm = partial(nn.LayerNorm, eps=norm_eps)
 
         if self.video:
@@ -218,6 +220,14 @@ class MaskedAutoencoderHPM(nn.Module):
         """(N, L) bool -> (N, L) patch indices: visible ones ascending, then masked ones ascending."""
         return torch.argsort(mask.to(torch.int8), dim=1, stable=True)
 
+    def _run(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        """The blocks in turn; with `grad_checkpointing` (while gradients are taken) each block's
+        activations are recomputed in the backward pass instead of kept: less memory, one more forward."""
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
+        for blk in blocks:
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if checkpointed else blk(x)
+        return x
+
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None,
                         vis_mask: bool | None = None) -> torch.Tensor:
         """(N, 3, H, W) (or clips), visible ids (N, V) or None for all -> (N, prefix + V, D), the prefix
@@ -236,9 +246,7 @@ class MaskedAutoencoderHPM(nn.Module):
         if self.num_prefix:
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return self.norm(self._run(self.blocks, x))
 
     def _replace_visible(self, x: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
         """UM-MAE: a `vis_mask_ratio` share of the visible tokens becomes `vis_mask_token` + pos."""
@@ -267,14 +275,12 @@ class MaskedAutoencoderHPM(nn.Module):
 
     def forward_decoder(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Reconstructor: (N, prefix + L, D') -> (N, prefix + L - start, P) for tokens from `start` on."""
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = self._run(self.decoder_blocks, x)
         return self.decoder_pred(self.decoder_norm(x[:, start:]))
 
     def forward_loss_predictor(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Loss predictor: (N, prefix + L, D') -> (N, prefix + L - start) predicted losses from `start` on."""
-        for blk in self.decoder_blocks_losspred:
-            x = blk(x)
+        x = self._run(self.decoder_blocks_losspred, x)
         return self.decoder_pred_losspred(self.decoder_norm_losspred(x[:, start:])).mean(dim=-1)
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> HPMOutput:

@@ -85,6 +85,12 @@ bench_part() {
     step "bench_video_b_bs${video_batch}" 0 python benchmarks/bench_pretrain.py --model "$video" \
         --batch_size "$video_batch" --amp "$amp" --device "$device" --paired_mae "${bench[@]}" \
         --json "$work/bench_video_b_bs${video_batch}.json"
+    step "bench_video_b_bs${video_batch}_ckpt" 0 python benchmarks/bench_pretrain.py --model "$video" \
+        --batch_size "$video_batch" --amp "$amp" --device "$device" --grad_checkpointing "${bench[@]}" \
+        --json "$work/bench_video_b_bs${video_batch}_ckpt.json"
+    step "bench_vit_l_bs${large_batch}_ckpt" 0 python benchmarks/bench_pretrain.py --model "$large" \
+        --batch_size "$large_batch" --amp "$amp" --device "$device" --grad_checkpointing "${bench[@]}" \
+        --json "$work/bench_vit_l_bs${large_batch}_ckpt.json"
 }
 
 compile_part() {

@@ -100,7 +100,8 @@ def test_flop_count_of_cuda_attention_backward_leaves_out_the_recomputation():
 
 
 GPU_CHECK_STEPS = {
-    "bench": ["bench_vit_b_bs8_eager", "bench_vit_l_bs8", "bench_vit_b_fp16", "bench_masking", "bench_video_b_bs2"],
+    "bench": ["bench_vit_b_bs8_eager", "bench_vit_l_bs8", "bench_vit_b_fp16", "bench_masking", "bench_video_b_bs2",
+              "bench_video_b_bs2_ckpt", "bench_vit_l_bs8_ckpt"],
     "compile": ["bench_vit_b_bs16_compile"],
     "e2e": ["make_jpegs", "pretrain_stopped", "pretrain_stop_saved", "pretrain_resumed", "finetune", "linprobe", "knn",
             "export", "ablation"],

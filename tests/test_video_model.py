@@ -121,3 +121,34 @@ def test_hpm_on_clips_trains_both_units_and_objectives(hard_unit, relative):
     losses.total.backward()
     assert torch.isfinite(losses.total) and model.decoder_pred_losspred.weight.grad.abs().sum() > 0
     teacher.update(9)
+
+
+@pytest.mark.parametrize("name, shape", [("mae_vit_tiny_patch4", (2, 3, 32, 32)),
+                                         ("videomae_vit_tiny_patch4", (2, 3, 16, 32, 32))])
+def test_activation_checkpointing_changes_no_loss_and_no_gradient(name, shape):
+    """--grad_checkpointing recomputes the blocks in the backward pass: the same losses and gradients,
+    and far fewer activations kept for the backward pass (counted as autograd saves them)."""
+    from models_hpm import HPMTeacher
+    inputs = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = create_pretrain_model(name, grad_checkpointing=checkpointed)
+        mask = HPMTeacher(model, epochs=4).mask(inputs, 3, generator=torch.Generator().manual_seed(1))
+        saved = []
+
+        def keep(tensor):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            losses = model.forward_loss(inputs, model(inputs, mask))
+        losses.total.backward()
+        results.append((losses.total.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                        sum(saved)))
+    (plain, plain_grads, plain_bytes), (ckpt, ckpt_grads, ckpt_bytes) = results
+    assert ckpt_bytes < 0.5 * plain_bytes, (ckpt_bytes, plain_bytes)
+    torch.testing.assert_close(ckpt, plain)
+    assert len(plain_grads) == len(ckpt_grads) > 0
+    for a, b in zip(plain_grads, ckpt_grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
