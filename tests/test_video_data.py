@@ -101,7 +101,7 @@ def test_list_files_and_their_errors(videos, tmp_path):
     with pytest.raises(UserError, match="1 listed video\\(s\\) missing, first .*missing.mp4"):
         build_clip_dataset(str(tmp_path), "train", None)
     (tmp_path / "train.csv").write_text("clips/missing.mp4\n")
-    with pytest.raises(UserError, match="expected 'path label'"):
+    with pytest.raises(UserError, match="expected 'relative/path label'"):
         build_clip_dataset(str(tmp_path), "train", None, labelled=True)
 
 

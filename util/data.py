@@ -89,6 +89,24 @@ class ImageFiles(Dataset):
         return (self.transform(img) if self.transform else img), label
 
 
+def read_list_file(list_file: Path, labelled: bool) -> list[tuple[int, str, int]]:
+    """(line number, path, label) of each 'path label' line of a list file (UM-MAE's, VideoMAE's);
+    unless `labelled`, a line may be a path alone (label -1)."""
+    entries = []
+    for num, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            entries.append((num, parts[0], int(parts[1])))
+        elif labelled:
+            raise UserError(f"{list_file}:{num}: expected 'relative/path label', found {line.strip()!r}; this "
+                            f"script needs labels (pretraining takes paths alone)")
+        else:
+            entries.append((num, line.strip(), -1))
+    return entries
+
+
 class ImageListDataset(ImageFiles):
     """UM-MAE's list format: one 'relative/path label' per line, paths relative to `root`; for
     pretraining (`labelled` False) a line may be a path alone (label -1)."""
@@ -96,17 +114,7 @@ class ImageListDataset(ImageFiles):
     def __init__(self, root: Path, list_file: Path, transform: Callable | None = None, labelled: bool = True) -> None:
         self.samples: list[tuple[str, int]] = []
         missing = []
-        for num, line in enumerate(list_file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-                rel, label = parts[0], int(parts[1])
-            elif labelled:
-                raise UserError(f"{list_file}:{num}: expected 'relative/path label', found {line.strip()!r}; this "
-                                f"script needs labels (pretraining takes paths alone)")
-            else:
-                rel, label = line.strip(), -1
+        for num, rel, label in read_list_file(list_file, labelled):
             path = root / rel
             if not path.is_file():
                 missing.append(f"{rel} (line {num})")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from util.data import BadImageError
+from util.data import BadImageError, read_list_file
 from util.errors import UserError
 from util.normalization import IMAGENET, Stats
 
@@ -108,19 +108,8 @@ class VideoListDataset(Dataset):
 
     def __init__(self, root: Path, list_file: Path, transform: Callable | None, clip_frames: int, sampling_rate: int,
                  labelled: bool) -> None:
-        self.samples: list[tuple[str, int]] = []
-        for num, line in enumerate(list_file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-                rel, label = parts[0], int(parts[1])
-            elif labelled:
-                raise UserError(f"{list_file}:{num}: expected 'path label', found {line.strip()!r}")
-            else:
-                rel, label = line.strip(), -1
-            path = Path(rel) if Path(rel).is_absolute() else root / rel
-            self.samples.append((str(path), label))
+        self.samples = [(str(Path(rel) if Path(rel).is_absolute() else root / rel), label)
+                        for _, rel, label in read_list_file(list_file, labelled)]
         missing = [p for p, _ in self.samples if not Path(p).is_file()]
         if missing:
             raise UserError(f"{list_file}: {len(missing)} listed video(s) missing, first {missing[0]}; fix the list "
