@@ -132,6 +132,9 @@ def main(args: argparse.Namespace) -> Path:
     if importlib.util.find_spec("matplotlib") is None:
         raise UserError("visualize.py needs matplotlib: pip install -r requirements-dev.txt")
     student, teacher, stats = load_networks(args.checkpoint, args.model, args.mask_ratio)
+    if student.video:
+        raise UserError(f"--checkpoint {args.checkpoint}: a video model; visualize.py draws images (the clips' "
+                        f"frames, mask, reconstruction and loss map are main_pretrain's tensorboard picture)")
     size = student.patch_embed.img_size[0]
     transform = eval_transform(size, stats)
     imgs = torch.stack([transform(img) for img in load_images(args.images, args.num_images)])

@@ -152,3 +152,25 @@ def test_activation_checkpointing_changes_no_loss_and_no_gradient(name, shape):
     assert len(plain_grads) == len(ckpt_grads) > 0
     for a, b in zip(plain_grads, ckpt_grads):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_our_video_checkpoints_load_student_and_teacher_and_visualize_refuses_them(tmp_path):
+    import visualize
+    from util.errors import UserError
+    torch.manual_seed(0)
+    student = create_pretrain_model("videomae_vit_tiny_patch4", hard_unit="token")
+    torch.manual_seed(1)
+    teacher = create_pretrain_model("videomae_vit_tiny_patch4", hard_unit="token")
+    path = tmp_path / "ours.pth"
+    save_atomic({"format": "hpm-pretrain", "version": 1, "model_name": "videomae_vit_tiny_patch4", "next_epoch": 1,
+                 "model": student.state_dict(), "teacher": teacher.state_dict(),
+                 "args": {"model": "videomae_vit_tiny_patch4", "hard_unit": "token", "mask_ratio": 0.9}}, path)
+    for want, source in ((False, student), (True, teacher)):
+        loaded = load_pretrain_model(str(path), teacher=want)
+        assert loaded.video and loaded.hard_unit == "token" and loaded.patch_embed.img_size == (32, 32)
+        for key, value in source.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+    (tmp_path / "img.png").write_bytes(b"")
+    with pytest.raises(UserError, match="a video model; visualize.py draws images"):
+        visualize.main(visualize.get_args_parser().parse_args(
+            ["--checkpoint", str(path), "--images", str(tmp_path), "--output", str(tmp_path / "fig.png")]))
