@@ -162,7 +162,11 @@ def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int) ->
     device = images[0].device
     order = sorted(range(len(images)), key=lambda i: images[i].shape[-2] * images[i].shape[-1])
     out = torch.empty(len(images), 3, size, size, device=device)
-    boxes = boxes.to(device)
+
+    def to_device(host: torch.Tensor) -> torch.Tensor:   # pinned and asynchronous: no host-device sync
+        return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+    boxes = to_device(boxes)
     group: list[int] = []
     tallest = widest = 0
     for index in order + [None]:
@@ -175,7 +179,7 @@ def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int) ->
         with warnings.catch_warnings():   # nested tensors: "prototype stage", used here only to pad
             warnings.simplefilter("ignore", UserWarning)
             padded = torch.nested.as_nested_tensor([images[i] for i in group]).to_padded_tensor(0).float()
-        g = torch.tensor(group, device=device)
+        g = to_device(torch.tensor(group))
         top, left, h, w = boxes[g].unbind(1)
         rows = bicubic_aa_weights(top, h, size, padded.shape[-2])
         cols = bicubic_aa_weights(left, w, size, padded.shape[-1])
