@@ -91,14 +91,7 @@ def from_hf(state: dict) -> dict:
            "patch_embed.proj.weight": legacy["embeddings.patch_embeddings.projection.weight"],
            "patch_embed.proj.bias": legacy["embeddings.patch_embeddings.projection.bias"],
            "norm.weight": legacy["layernorm.weight"], "norm.bias": legacy["layernorm.bias"]}
-    depth = 1 + max(int(k.split(".")[2]) for k in legacy if k.startswith("encoder.layer."))
-    for i in range(depth):
-        ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            out[f"{ours}attn.qkv.{kind}"] = torch.cat(
-                [legacy[f"{theirs}attention.attention.{n}.{kind}"] for n in ("query", "key", "value")])
-            for src, dst in _HF_BLOCK.items():
-                out[f"{ours}{src}.{kind}"] = legacy[f"{theirs}{dst}.{kind}"]
+    out.update(_hf_layers(legacy, "encoder.layer.", "blocks."))
     return out
 
 

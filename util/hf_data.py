@@ -52,11 +52,11 @@ class HFImageDataset(Dataset):
 
     def __init__(self, root: str, split: str, transform: Callable | None = None, image_column: str = "image",
                  label_column: str = "label", labelled: bool = False) -> None:
-        import datasets
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"--data_path hf:{root}: no such folder")
-        data, self.split = _load(self.root, split)
+        data, self.split = _load(self.root, split)   # says in one line when datasets is not installed
+        import datasets
         where = f"--data_path hf:{root} ({self.split} split)"
         if image_column not in data.column_names:
             raise UserError(f"{where}: no image column {image_column!r} (columns: {', '.join(data.column_names)}); "
