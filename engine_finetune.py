@@ -10,8 +10,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from engine import Run, Timer, fit, no_timer
-from models_vit import build_classifier
-from util.args import check_common, check_output_dir, resolve_augmentation
+from models_vit import build_classifier, is_video_classifier
+from util.args import check_clip_args, check_common, check_output_dir, resolve_augmentation
 from util.checkpoint import find_resume
 from util.data import build_dataset, eval_loader, eval_transform, train_loader
 from util.distributed import is_distributed
@@ -20,30 +20,44 @@ from util.normalization import downstream_stats
 from util.optim import effective_lr
 from util.precision import autocast, make_scaler, resolve_amp
 from util.process import start_process
+from util.video import ClipViews, clip_dataset, stacked_views_collate
 
 log = logging.getLogger("hpm")
 
 
 def describe_eval(stats: dict[str, float]) -> str:
-    return (f"accuracy of the network on the {stats['count']} validation images: top-1 {stats['acc1']:.2f}%, "
+    return (f"accuracy of the network on the {stats['count']} validation samples: top-1 {stats['acc1']:.2f}%, "
             f"top-5 {stats['acc5']:.2f}%, loss {stats['loss']:.4f}")
+
+
+def view_scores(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and per-sample loss inputs: logits of images (N, 3, H, W) or single clips; for test views
+    (N, V, 3, T, H, W) the log of the softmax averaged over the V views of each video (VideoMAE's
+    multi-view test), so each video counts once. -> (N, K) scores, (N, K) log-probabilities."""
+    if inputs.dim() == 6:
+        n, v = inputs.shape[:2]
+        probs = model(inputs.flatten(0, 1)).float().softmax(-1).view(n, v, -1).mean(1)
+        log_probs = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        return log_probs, log_probs
+    logits = model(inputs).float()
+    return logits, logits.log_softmax(-1)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> dict[str, float]:
-    """Top-1, top-5 and loss over every sample of the (sharded, unpadded) validation set."""
+    """Top-1, top-5 and loss over every sample of the (sharded, unpadded) validation set; a sample
+    with several test views is scored on their averaged softmax (`view_scores`)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)   # loss sum, top1, top5, count
     for imgs, targets in loader:
         imgs = imgs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            logits = model(imgs)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
+            scores, log_probs = view_scores(model, imgs)
+        k = min(5, scores.shape[1])
+        top = scores.topk(k, dim=1).indices
         hits = top == targets.unsqueeze(1)
-        totals += torch.stack([nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
+        totals += torch.stack([nn.functional.nll_loss(log_probs.float(), targets, reduction="sum").double(),
                                hits[:, :1].sum().double(), hits.sum().double(),
                                torch.tensor(float(len(targets)), dtype=torch.float64, device=device)])
     if is_distributed():
@@ -80,7 +94,11 @@ class ClassifierTask:
         imgs = batch[0].to(self.device, non_blocking=True)
         targets = batch[1].to(self.device, non_blocking=True)
         if self.mixup_fn is not None:
-            imgs, targets = self.mixup_fn(imgs, targets)
+            if imgs.dim() == 5:   # clips: timm's CutMix boxes index the last two dims, so fold time into channels
+                mixed, targets = self.mixup_fn(imgs.flatten(1, 2), targets)
+                imgs = mixed.view(imgs.shape)
+            else:
+                imgs, targets = self.mixup_fn(imgs, targets)
         with timer("forward"), autocast(self.device, self.amp_dtype):
             return {"loss": self.criterion(self.model(imgs), targets)}
 
@@ -109,29 +127,43 @@ class ClassifierTask:
     def describe(self, record: dict) -> str:
         ema = f", EMA top-1 {record['test_ema_acc1']:.2f}%" if "test_ema_acc1" in record else ""
         return (f"epoch {record['epoch']}: top-1 {record['test_acc1']:.2f}% top-5 {record['test_acc5']:.2f}% on "
-                f"{record['test_count']} images (best {record['best_acc1']:.2f}%){ema}")
+                f"{record['test_count']} samples (best {record['best_acc1']:.2f}%){ema}")
 
 
 class ClassifierSetup:
     """What fine-tuning and linear probing wire up alike: process, data, loaders, precision,
     learning rate, output directory, tensorboard and the loop's `Run`."""
 
-    def __init__(self, args, train_transform: Callable | None) -> None:
+    def __init__(self, args, train_transform: Callable | None, clip_train_transform: Callable | None = None) -> None:
+        """`train_transform(size, args, stats)` augments training images (None: evaluation only),
+        `clip_train_transform` the clips of a video classifier."""
         self.args = args
         self.dist, self.device = start_process(args.device, args.dist_url, args.dist_timeout)
         check_common(args)
+        self.video = is_video_classifier(args.model)
+        if self.video:
+            check_clip_args(args)
         resolve_augmentation(args)
-        args.input_size = build_classifier(args, 1).patch_embed.img_size[0]
+        probe = build_classifier(args, 1)
+        args.input_size = probe.patch_embed.img_size[0]
         weights = args.finetune or (args.resume if args.eval else None)
         stats = downstream_stats(weights, args.mean, args.std, "--finetune" if args.finetune else "--resume")
         args.mean, args.std = list(stats.mean), list(stats.std)
-        columns = dict(image_column=args.image_column, label_column=args.label_column)
-        self.val_set = build_dataset(args.data_path, "val", eval_transform(args.input_size, stats), args.bad_images,
-                                     **columns)
         self.train_set = None
-        if train_transform is not None:
-            self.train_set = build_dataset(args.data_path, "train", train_transform(args.input_size, args, stats),
-                                           args.bad_images, **columns)
+        if self.video:
+            frames = probe.patch_embed.num_frames
+            self.val_set = clip_dataset(args, "val", ClipViews(args.input_size, stats, args.test_crops,
+                                                                args.single_frame), frames, train=False)
+            if train_transform is not None:
+                self.train_set = clip_dataset(args, "train", clip_train_transform(args.input_size, args, stats), frames,
+                                              train=True)
+        else:
+            columns = dict(image_column=args.image_column, label_column=args.label_column)
+            self.val_set = build_dataset(args.data_path, "val", eval_transform(args.input_size, stats),
+                                         args.bad_images, **columns)
+            if train_transform is not None:
+                self.train_set = build_dataset(args.data_path, "train", train_transform(args.input_size, args, stats),
+                                               args.bad_images, **columns)
         self.num_classes = args.nb_classes or getattr(self.train_set or self.val_set, "num_classes", None)
         if not self.num_classes:
             raise UserError("cannot tell the number of classes from the data: pass --nb_classes")
@@ -145,7 +177,9 @@ class ClassifierSetup:
     def prepare_output(self) -> Path | None:
         """The training loader and the output directory; returns the checkpoint to resume from, if any."""
         args = self.args
-        self.loader = train_loader(self.train_set, self.dist, args.batch_size, args.num_workers, self.pin, args.seed)
+        collate = stacked_views_collate if getattr(args, "num_sample", 1) > 1 else None
+        self.loader = train_loader(self.train_set, self.dist, args.batch_size, args.num_workers, self.pin, args.seed,
+                                   collate)
         if self.dist.is_main:
             self.output_dir = check_output_dir(args.output_dir)
         return find_resume(args.resume, args.auto_resume, self.output_dir)
@@ -161,5 +195,7 @@ class ClassifierSetup:
         fit(run, start, best)
 
     def describe(self) -> str:
+        what = "videos" if self.video else "images"
+        views = f", {self.args.test_clips} x {self.args.test_crops} test views" if self.video else ""
         return (f"{self.num_classes} classes, {len(self.train_set)} training / {len(self.val_set)} validation "
-                f"images")
+                f"{what}{views}")

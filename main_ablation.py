@@ -35,7 +35,7 @@ import torch
 
 import models_vit
 from engine_pretrain import check_pretrain_args, has_teacher, pretrain_args_parser
-from models_hpm import encoder_name
+from models_hpm import encoder_name, is_video_model
 from util.ablation import METRICS, draw_figure, markdown_table, summarize
 from util.args import HelpFormatter, check_output_dir, namespace_to_argv
 from util.checkpoint import write_bytes_atomic
@@ -52,7 +52,12 @@ BUILTIN_VARIANTS = {
     "mae": "--no-learning_loss",
     "hpm_abs": "--no-relative",
     "hpm_step": "--teacher_decay_unit step",
+    # clips (with a videomae_* --model): VideoMAE, and HPM choosing hard tubes or hard tokens
+    "videomae": "--no-learning_loss",
+    "hpm_tube": "--hard_unit tube",
+    "hpm_token": "--hard_unit token",
 }
+BASELINES = ("mae", "videomae")   # the default baseline: the first of these that runs
 # Set by the ablation for each run, so not passed through.
 PER_RUN_DESTS = ("output_dir", "seed", "resume", "auto_resume", "log_dir", "experiment", "start_epoch")
 # Where and how a run is executed rather than what it computes: may change between calls.
@@ -72,8 +77,8 @@ def ablation_parser() -> argparse.ArgumentParser:
                    help="add a variant of your own: main_pretrain.py flags on top of the common ones (repeatable)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining seeds; each variant runs each")
     g.add_argument("--baseline", type=str, default=None,
-                   help="the variant the others are compared with, seed by seed (default: mae if it runs, else "
-                        "the first variant)")
+                   help="the variant the others are compared with, seed by seed (default: mae or videomae if it "
+                        "runs, else the first variant)")
     g.add_argument("--jobs", type=int, default=1,
                    help="runs at once on this machine (without --cluster), spread over its GPUs if it has any")
     g.add_argument("--threads", type=int, default=None,
@@ -237,6 +242,8 @@ def plan_run(args: argparse.Namespace, variant: str, seed: int, run_args: argpar
         common += ["--data_path", run_args.data_path]
     if run_args.input_size:
         common += ["--input_size", str(run_args.input_size)]
+    if is_video_model(run_args.model):   # the clips the encoder was trained on
+        common += ["--num_frames", str(run_args.num_frames), "--sampling_rate", str(run_args.sampling_rate)]
     if not run_args.pin_mem:
         common += ["--no-pin_mem"]
     for encoder in ("student", "teacher") if has_teacher(run_args) else ("student",):
@@ -457,7 +464,7 @@ def main(args: argparse.Namespace) -> dict:
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
     variants = parse_variants(args)
-    baseline = args.baseline or ("mae" if "mae" in variants else next(iter(variants)))
+    baseline = args.baseline or next((b for b in BASELINES if b in variants), next(iter(variants)))
     if baseline not in variants:
         raise UserError(f"--baseline {baseline}: not among the variants ({', '.join(variants)})")
     root = Path(args.output_dir)

@@ -16,20 +16,22 @@ from timm.utils import ModelEmaV3
 import models_vit
 from engine_finetune import ClassifierSetup, ClassifierTask, describe_eval, evaluate
 from models_vit import build_classifier
-from util.args import (augmentation_parser, data_parser, make_parser, model_parser, pooling_parser, runtime_parser, training_parser,
-                       weights_parser)
+from util.args import (augmentation_parser, clip_parser, data_parser, make_parser, model_parser, pooling_parser,
+                       runtime_parser, training_parser, weights_parser)
 from util.checkpoint import FORMAT_FINETUNE, load_pretrained
 from util.data import finetune_transform
 from util.distributed import cleanup
 from util.errors import UserError, run_cli
 from util.optim import param_groups_lrd
+from util.video import finetune_clip_transform
 
 log = logging.getLogger("hpm")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parents = [model_parser(models_vit.CLASSIFIERS.names(), "vit_tiny_patch4"), weights_parser(),
-               pooling_parser(global_pool=True), data_parser(), augmentation_parser(), training_parser(), runtime_parser()]
+               pooling_parser(global_pool=True), data_parser(), augmentation_parser(), clip_parser(training=True),
+               training_parser(), runtime_parser()]
     p = make_parser("ViT fine-tuning", parents, add_help, blr=2e-3, epochs=30, warmup_epochs=2, min_lr=1e-6,
                     save_every=10)
     g = p.add_argument_group("fine-tuning recipe")
@@ -38,7 +40,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay")
     g.add_argument("--drop_path", type=float, default=0.1, help="drop path rate")
     g.add_argument("--color_jitter", type=float, default=None, help="color jitter (off when RandAugment is on)")
-    g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="RandAugment policy ('' for none)")
+    g.add_argument("--aa", type=str, default=None,
+                   help="RandAugment policy ('' for none; default: rand-m9-mstd0.5-inc1, MAE's, for images; "
+                        "rand-m7-n4-mstd0.5-inc1, VideoMAE's, for clips on a --data_path, the same draw on every "
+                        "frame; none on the built-in clips)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--remode", type=str, default="pixel", help="random erasing mode")
@@ -51,6 +56,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of cutmix instead of mixup")
     g.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"],
                    help="mix per batch, pair or element")
+    g.add_argument("--num_sample", type=int, default=1,
+                   help="clips: augmented copies of each decoded clip per step (VideoMAE's repeated augmentation; "
+                        "the step's batch is batch_size x num_sample)")
     g.add_argument("--model_ema", action="store_true", help="keep and evaluate an EMA of the fine-tuned weights")
     g.add_argument("--model_ema_decay", type=float, default=0.9999, help="decay of --model_ema")
     return p
@@ -71,7 +79,13 @@ def make_criterion(args: argparse.Namespace, num_classes: int) -> tuple[nn.Modul
 def main(args: argparse.Namespace) -> None:
     if args.eval and not (args.resume or args.finetune):
         raise UserError("--eval needs weights: pass --resume <fine-tuned checkpoint> (or --finetune)")
-    setup = ClassifierSetup(args, None if args.eval else finetune_transform)
+    video = models_vit.is_video_classifier(args.model)
+    if args.num_sample < 1 or (args.num_sample > 1 and not video):
+        raise UserError(f"--num_sample {args.num_sample}: repeated augmentation is for clips (video_vit_* models), "
+                        f"at least 1")
+    if args.aa is None:   # on the built-in clips none: rotating or shifting a 12 px digit changes or hides its motion
+        args.aa = ("" if args.data_path is None else "rand-m7-n4-mstd0.5-inc1") if video else "rand-m9-mstd0.5-inc1"
+    setup = ClassifierSetup(args, None if args.eval else finetune_transform, finetune_clip_transform)
     model = build_classifier(args, setup.num_classes, drop_path_rate=args.drop_path).to(setup.device)
 
     if args.eval:

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 import models_vit
-from models_vit import build_classifier, features
-from util.args import (check_output_dir, data_parser, make_parser, model_parser, pooling_parser, runtime_parser,
-                       weights_parser)
+from models_vit import build_classifier, features, is_video_classifier
+from util.args import (check_clip_args, check_output_dir, clip_parser, data_parser, make_parser, model_parser,
+                       pooling_parser, runtime_parser, weights_parser)
 from util.checkpoint import load_file, load_pretrained
 from util.data import build_dataset, eval_loader, eval_transform
 from util.distributed import DistInfo, cleanup, gather_in_order
@@ -21,6 +21,7 @@ from util.logger import append_json_log
 from util.normalization import downstream_stats
 from util.precision import autocast, resolve_amp
 from util.process import start_process
+from util.video import ClipViews, clip_dataset
 
 log = logging.getLogger("hpm")
 FEATURE_FILES = ("train_features", "train_labels", "val_features", "val_labels")
@@ -28,7 +29,7 @@ FEATURE_FILES = ("train_features", "train_labels", "val_features", "val_labels")
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parents = [model_parser(models_vit.CLASSIFIERS.names(), "vit_tiny_patch4"), weights_parser(),
-               pooling_parser(global_pool=False), data_parser(), runtime_parser()]
+               pooling_parser(global_pool=False), data_parser(), clip_parser(training=False), runtime_parser()]
     p = make_parser("kNN evaluation", parents, add_help, batch_size=128, amp="none")
     g = p.add_argument_group("kNN")
     g.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="values of k")
@@ -74,9 +75,15 @@ def main(args: argparse.Namespace) -> None:
         amp_dtype = resolve_amp(args.amp, device)
         stats = downstream_stats(args.finetune, args.mean, args.std)
         args.mean, args.std = list(stats.mean), list(stats.std)
-        columns = dict(image_column=args.image_column, label_column=args.label_column)
-        train_set = build_dataset(args.data_path, "train", eval_transform(size, stats), args.bad_images, **columns)
-        val_set = build_dataset(args.data_path, "val", eval_transform(size, stats), args.bad_images, **columns)
+        if is_video_classifier(model):   # every video's test views, features averaged over them
+            check_clip_args(args)
+            views = ClipViews(size, stats, args.test_crops, args.single_frame)
+            frames = model.patch_embed.num_frames
+            train_set, val_set = (clip_dataset(args, split, views, frames, train=False) for split in ("train", "val"))
+        else:
+            columns = dict(image_column=args.image_column, label_column=args.label_column)
+            train_set = build_dataset(args.data_path, "train", eval_transform(size, stats), args.bad_images, **columns)
+            val_set = build_dataset(args.data_path, "val", eval_transform(size, stats), args.bad_images, **columns)
         train_f, train_l = extract(model, train_set, dist_info, args, device, amp_dtype)
         val_f, val_l = extract(model, val_set, dist_info, args, device, amp_dtype)
         if args.dump_features and dist_info.is_main:

@@ -11,21 +11,23 @@ import torch.nn as nn
 
 import models_vit
 from engine_finetune import ClassifierSetup, ClassifierTask, describe_eval, evaluate
-from models_vit import LinearProbe, build_classifier
-from util.args import (augmentation_parser, data_parser, make_parser, model_parser, pooling_parser, runtime_parser, training_parser,
-                       weights_parser)
+from models_vit import LinearProbe, build_classifier, pooling_name
+from util.args import (augmentation_parser, clip_parser, data_parser, make_parser, model_parser, pooling_parser,
+                       runtime_parser, training_parser, weights_parser)
 from util.checkpoint import FORMAT_LINPROBE, load_pretrained, resume_training
 from util.data import probe_transform
 from util.distributed import cleanup
 from util.errors import UserError, run_cli
 from util.lars import LARS
+from util.video import probe_clip_transform
 
 log = logging.getLogger("hpm")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parents = [model_parser(models_vit.CLASSIFIERS.names(), "vit_tiny_patch4"), weights_parser(),
-               pooling_parser(global_pool=False), data_parser(), augmentation_parser(), training_parser(), runtime_parser()]
+               pooling_parser(global_pool=False), data_parser(), augmentation_parser(), clip_parser(training=True),
+               training_parser(), runtime_parser()]
     p = make_parser("Linear probing", parents, add_help, blr=50.0, weight_decay=0.0, epochs=20, warmup_epochs=2,
                     batch_size=256, save_every=10)
     g = p.add_argument_group("linear probing")
@@ -39,7 +41,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     if args.eval and not args.resume:
         raise UserError("--eval needs a linear-probe checkpoint: pass --resume PATH")
-    setup = ClassifierSetup(args, probe_transform)
+    setup = ClassifierSetup(args, probe_transform, probe_clip_transform)
     vit = build_classifier(args, setup.num_classes)
     if args.finetune:
         load_pretrained(vit, args.finetune, teacher=args.teacher)
@@ -62,7 +64,7 @@ def main(args: argparse.Namespace) -> None:
     task = ClassifierTask(model, model.vit, nn.CrossEntropyLoss(), setup.val_loader, setup.device, setup.amp_dtype,
                           setup.dist.world_size)
     setup.fit(task, optimizer, FORMAT_LINPROBE, resume_path,
-              f"linear probing {args.model} ({'global pool' if args.global_pool else 'class token'}, {args.optimizer})")
+              f"linear probing {args.model} ({pooling_name(vit)}, {args.optimizer})")
     cleanup()
 
 

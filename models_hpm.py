@@ -27,7 +27,7 @@ from util.losses import (absolute_loss_prediction, feature_loss, reconstruction_
 from util.masking import (hard_patch_mask, hard_tube_mask, num_masked_patches, num_masked_per_frame, random_mask,
                           tube_mask, tube_means)
 from util.normalization import IMAGENET
-from util.patches import gather_patches, patchify, tubelet_patchify, tubelet_unpatchify, unpatchify
+from util.patches import TubeletEmbed, gather_patches, patchify, tubelet_patchify, tubelet_unpatchify, unpatchify
 from util.pos_embed import get_1d_sinusoid_table, get_2d_sincos_pos_embed
 from util.registry import ModelRegistry
 from util.schedules import ema_half_life, hard_patch_alpha, teacher_decay
@@ -52,27 +52,6 @@ class HPMLosses(NamedTuple):
 def _blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, eps: float = 1e-6) -> nn.ModuleList:
     norm = partial(nn.LayerNorm, eps=eps)
     return nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
-
-
-class TubeletEmbed(nn.Module):
-    """VideoMAE's tubelet embedding: Conv3d with kernel = stride = (t, p, p); (N, C, T, H, W) ->
-    (N, L, D), token index t * (gh * gw) + h * gw + w (time slowest)."""
-
-    def __init__(self, img_size: int, patch_size: int, num_frames: int, tubelet_size: int, in_chans: int,
-                 embed_dim: int) -> None:
-        super().__init__()
-        if num_frames % tubelet_size:
-            raise ValueError(f"{num_frames} frames do not divide into tubelets of {tubelet_size}: use a multiple of "
-                             f"{tubelet_size} (--num_frames)")
-        self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
-        self.frames = num_frames // tubelet_size
-        self.num_patches = self.frames * self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv3d(in_chans, embed_dim, (tubelet_size, patch_size, patch_size),
-                              stride=(tubelet_size, patch_size, patch_size))
-
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        return self.proj(clips).flatten(2).transpose(1, 2)
 
 
 HARD_UNITS = ("tube", "token")
@@ -112,7 +91,8 @@ class MaskedAutoencoderHPM(nn.Module):
         norm = partial(nn.LayerNorm, eps=norm_eps)
 
         if self.video:
-            self.patch_embed = TubeletEmbed(img_size, patch_size, num_frames, tubelet_size, in_chans, embed_dim)
+            self.patch_embed = TubeletEmbed(img_size, patch_size, in_chans, embed_dim, num_frames=num_frames,
+                                            tubelet_size=tubelet_size)
             self.frames, self.num_spatial = self.patch_embed.frames, self.patch_embed.grid_size[0] ** 2
             self.masked_per_frame = num_masked_per_frame(self.num_spatial, mask_ratio)
             self.num_masked = self.frames * self.masked_per_frame
@@ -497,8 +477,9 @@ def create_pretrain_model(name: str, **kwargs) -> MaskedAutoencoderHPM:
 
 def encoder_name(pretrain_name: str) -> str:
     """The classifier (models_vit) a pretraining model's encoder loads into: mae_vit_base_patch16 and
-    mae_vit_base_patch16_dec512d8b -> vit_base_patch16."""
-    return re.sub(r"_dec\d+d\d+b$", "", pretrain_name).removeprefix("mae_")
+    mae_vit_base_patch16_dec512d8b -> vit_base_patch16; videomae_vit_base_patch16 -> video_vit_base_patch16."""
+    name = re.sub(r"_dec\d+d\d+b$", "", pretrain_name)
+    return "video_" + name.removeprefix("videomae_") if is_video_model(name) else name.removeprefix("mae_")
 
 
 # VideoMAE's presets, by encoder and decoder width: heads (its files do not say)

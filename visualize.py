@@ -4,6 +4,11 @@ the teacher's predicted-loss map as a colour heat map over the image, with a col
 
     python visualize.py --checkpoint output_dir/checkpoint-last.pth --images path/to/images --output fig.png
 
+For a video checkpoint, per clip a few frames (every --frame_step-th) of the input, the mask (tubes
+visible), the reconstruction and the predicted-loss map, and with --gif an animation of every frame:
+
+    python visualize.py --checkpoint output_video/checkpoint-last.pth --videos path/to/videos --gif clips.gif
+
 Needs matplotlib (requirements-dev.txt).
 """
 import argparse
@@ -16,7 +21,7 @@ import torch
 from PIL import Image
 
 import models_hpm
-from engine_pretrain import reconstruction_rows
+from engine_pretrain import clip_rows, reconstruction_rows
 from util.args import HelpFormatter
 from util.checkpoint import load_file, write_bytes_atomic
 from util.colormap import VIRIDIS_ANCHORS, normalise_per_image
@@ -26,23 +31,32 @@ from util.logger import setup_logging
 from util.masking import hard_patch_mask, random_mask
 from util.normalization import IMAGENET, stats_in_checkpoint
 from util.shards import shard_files
+from util.video import ClipSampling, ClipTransform, MovingDigitsClips, decode_frames
 
 log = logging.getLogger("hpm")
 INCHES_PER_IMAGE, DPI = 2.0, 100
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="HPM figure", formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint (ours, the reference's, MAE's)")
-    p.add_argument("--images", required=True, nargs="+",
-                   help="a folder of images, image files (any size), or a dataset as --data_path names it "
-                        "(hf:DIR, WebDataset shards)")
+    p.add_argument("--images", nargs="+", default=None,
+                   help="(image checkpoints) a folder of images, image files (any size), or a dataset as --data_path "
+                        "names it (hf:DIR, WebDataset shards)")
+    p.add_argument("--videos", nargs="+", default=None,
+                   help="(video checkpoints) video files or folders of them (default: the built-in moving digits' "
+                        "validation clips)")
     p.add_argument("--output", default="hpm_figure.png", help="the PNG to write")
+    p.add_argument("--frame_step", type=int, default=4, help="(video) the figure shows every N-th frame")
+    p.add_argument("--sampling_rate", type=int, default=4, help="(video) frames between a clip's sampled frames")
+    p.add_argument("--gif", default=None, help="(video) also write an animated GIF of every frame to this path")
     p.add_argument("--alpha", type=float, default=0.5,
                    help="share of the masked patches chosen as hard by the teacher (the schedule's end value)")
-    p.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches masked")
+    p.add_argument("--mask_ratio", type=float, default=None,
+                   help="share of patches masked (default: the checkpoint's, e.g. 0.75 for MAE, 0.9 for VideoMAE)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random part of the mask")
-    p.add_argument("--num_images", type=int, default=4, help="columns of the figure")
+    p.add_argument("--num_images", type=int, default=4, help="columns of the figure (video: clips, one row group each)")
     p.add_argument("--model", default=None, help="pretraining model name (default: the checkpoint's)")
     return p
 
@@ -57,33 +71,38 @@ def load_images(inputs: list[str], limit: int) -> list[Image.Image]:
             dataset = build_dataset(item, "train", None, labelled=False)
             images += [dataset[i][0] for i in range(min(limit - len(images), len(dataset)))]
         else:
-            images += [load_rgb(str(p)) for p in image_paths([item], limit - len(images))]
+            images += [load_rgb(str(p)) for p in media_paths([item], limit - len(images))]
         if len(images) >= limit:
             break
     return images[:limit]
 
 
-def image_paths(inputs: list[str], limit: int) -> list[Path]:
+def media_paths(inputs: list[str], limit: int, extensions: tuple[str, ...] = IMG_EXTENSIONS,
+                flag: str = "--images") -> list[Path]:
+    """The first `limit` files of `inputs` (files, or folders searched at any depth for `extensions`)."""
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in extensions)
         elif item.is_file():
             paths.append(item)
         else:
-            raise UserError(f"--images {item}: no such file or folder")
+            raise UserError(f"{flag} {item}: no such file or folder")
     if not paths:
-        raise UserError(f"--images {' '.join(inputs)}: no images found ({', '.join(IMG_EXTENSIONS)})")
+        raise UserError(f"{flag} {' '.join(inputs)}: no files found ({', '.join(extensions)})")
     return paths[:limit]
 
 
-def load_networks(path: str, override: str | None, mask_ratio: float):
+def load_networks(path: str, override: str | None, mask_ratio: float | None):
     """The student (with its decoders) and, where the checkpoint has one, the teacher."""
-    student = models_hpm.load_pretrain_model(path, override, mask_ratio=mask_ratio)
+    overrides = {} if mask_ratio is None else {"mask_ratio": mask_ratio}
+    student = models_hpm.load_pretrain_model(path, override, **overrides)
+    if Path(path).is_dir():   # a transformers folder: no teacher
+        return student.eval(), None, IMAGENET
     ckpt = load_file(path, "--checkpoint", mmap=True)
     teacher = None
     if student.learning_loss and isinstance(ckpt.get("teacher", ckpt.get("ema_state_dict")), dict):
-        teacher = models_hpm.load_pretrain_model(path, override, teacher=True, mask_ratio=mask_ratio).eval()
+        teacher = models_hpm.load_pretrain_model(path, override, teacher=True, **overrides).eval()
     return student.eval(), teacher, stats_in_checkpoint(ckpt) or IMAGENET
 
 
@@ -119,6 +138,67 @@ def draw(rows: list[torch.Tensor], heat: torch.Tensor | None, labels: list[str],
     write_bytes_atomic(output, buffer.getvalue())
 
 
+def load_clips(inputs: list[str] | None, limit: int, frames: int, sampling_rate: int, transform) -> torch.Tensor:
+    """(N, 3, T, H, W): the centre clip of each video (or the built-in validation clips)."""
+    if inputs is None:
+        dataset = MovingDigitsClips("val", transform, frames)
+        return torch.stack([dataset[i][0] for i in range(min(limit, len(dataset)))])
+    centre = ClipSampling("dense", frames, sampling_rate, train=False)
+    return torch.stack([transform(decode_frames(str(p), lambda total: centre(total)[0]))
+                        for p in media_paths(inputs, limit, VIDEO_EXTENSIONS, "--videos")])
+
+
+def gif_frames(student, clips: torch.Tensor, mask: torch.Tensor, pred_loss: torch.Tensor | None,
+               stats) -> list[Image.Image]:
+    """One image per frame: each clip's input | mask | reconstruction | loss map side by side, the
+    clips one under another."""
+    rows = [clip_rows(student, clips[c:c + 1], mask[c:c + 1], None if pred_loss is None else pred_loss[c:c + 1],
+                      stats, every=1) for c in range(clips.shape[0])]
+    frames = []
+    for t in range(rows[0][0].shape[0]):
+        grid = torch.cat([torch.cat([row[t] for row in clip], dim=-1) for clip in rows], dim=-2)   # (3, H, W)
+        pixels = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        frames.append(Image.fromarray(pixels).resize((grid.shape[-1] * 4, grid.shape[-2] * 4), Image.NEAREST))
+    return frames
+
+
+def write_gif(frames: list[Image.Image], path: Path) -> None:
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=150, loop=0)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def video_figure(args: argparse.Namespace, student, teacher, stats, output: Path) -> Path:
+    if args.images is not None:
+        raise UserError(f"--images: {args.checkpoint} is a video checkpoint; pass --videos (or nothing, for the "
+                        f"built-in clips)")
+    if args.frame_step < 1 or args.sampling_rate < 1:
+        raise UserError("--frame_step and --sampling_rate must be at least 1")
+    clips = load_clips(args.videos, args.num_images, student.patch_embed.num_frames, args.sampling_rate,
+                       ClipTransform(student.patch_embed.img_size[0], stats, train=False))
+    generator = torch.Generator().manual_seed(args.seed)
+    pred_loss = None
+    if teacher is not None:
+        pred_loss = teacher.predict_losses(clips)
+        mask, mask_label = student.hard_mask(pred_loss, args.alpha, generator), f"HPM mask (alpha {args.alpha:g})"
+    else:
+        mask, mask_label = student.random_mask(clips.shape[0], clips.device, generator), "random mask (VideoMAE)"
+    rows, labels = [], []
+    for c in range(clips.shape[0]):
+        clip = clip_rows(student, clips[c:c + 1], mask[c:c + 1], None if pred_loss is None else pred_loss[c:c + 1],
+                         stats, every=args.frame_step)
+        names = ["input", mask_label] + (["reconstruction"] if student.target_dim is None else []) + \
+                (["predicted loss"] if pred_loss is not None else [])
+        rows += clip
+        labels += [f"clip {c + 1}: {name}" for name in names]
+    draw(rows, None, labels, output)
+    log.info(f"wrote {output}: {clips.shape[0]} clips, {len(rows)} rows of {rows[0].shape[0]} frames")
+    if args.gif:
+        write_gif(gif_frames(student, clips, mask, pred_loss, stats), Path(args.gif))
+        log.info(f"wrote {args.gif}: {clips.shape[2]} frames")
+    return output
+
+
 @torch.no_grad()
 def main(args: argparse.Namespace) -> Path:
     setup_logging(True)
@@ -127,14 +207,18 @@ def main(args: argparse.Namespace) -> Path:
     if args.num_images < 1:
         raise UserError(f"--num_images {args.num_images} must be at least 1")
     output = Path(args.output)
-    if not output.parent.is_dir():
-        raise UserError(f"--output {output}: the folder {output.parent} does not exist")
+    for path, flag in ((output, "--output"), (Path(args.gif) if args.gif else None, "--gif")):
+        if path is not None and not path.parent.is_dir():
+            raise UserError(f"{flag} {path}: the folder {path.parent} does not exist")
     if importlib.util.find_spec("matplotlib") is None:
         raise UserError("visualize.py needs matplotlib: pip install -r requirements-dev.txt")
     student, teacher, stats = load_networks(args.checkpoint, args.model, args.mask_ratio)
     if student.video:
-        raise UserError(f"--checkpoint {args.checkpoint}: a video model; visualize.py draws images (the clips' "
-                        f"frames, mask, reconstruction and loss map are main_pretrain's tensorboard picture)")
+        return video_figure(args, student, teacher, stats, output)
+    if args.images is None:
+        raise UserError(f"--images: {args.checkpoint} is an image checkpoint; pass --images (a folder or files)")
+    if args.videos is not None or args.gif:
+        raise UserError(f"--videos / --gif: {args.checkpoint} is an image checkpoint; pass --images")
     size = student.patch_embed.img_size[0]
     transform = eval_transform(size, stats)
     imgs = torch.stack([transform(img) for img in load_images(args.images, args.num_images)])

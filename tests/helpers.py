@@ -1,4 +1,4 @@
-"""Shared test helpers: run the real scripts, make small image trees."""
+"""Shared test helpers: run the real scripts, make small image trees and real video files."""
 import os
 import subprocess
 import sys
@@ -51,3 +51,21 @@ def unchanged(directory: Path, before: dict) -> bool:
     """Every file that existed before is still there with the same bytes (new files may appear)."""
     return all((directory / name).is_file() and (directory / name).read_bytes() == data
                for name, data in before.items())
+
+
+def write_video(path, frames: int, height: int, width: int, grey: bool = False, codec: str = "mpeg4") -> None:
+    """A real video file: a bright square moving right over noise, `frames` frames at 25 fps."""
+    import av
+    rng = np.random.RandomState(frames + height)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec if not grey else "ffv1", rate=25)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "gray" if grey else "yuv420p"
+        for t in range(frames):
+            pixels = rng.randint(0, 60, (height, width, 3), dtype=np.uint8)
+            pixels[height // 3: height // 3 + 6, (2 * t) % max(width - 6, 1):][:, :6] = 250
+            frame = av.VideoFrame.from_ndarray(pixels[..., 0] if grey else pixels, format="gray" if grey else "rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

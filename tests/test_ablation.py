@@ -106,11 +106,37 @@ def test_mean_std_and_paired_differences():
     assert summary["hpm"]["knn_teacher"] is None and "diff_knn" not in summary["mae"]
 
 
-def test_each_image_pretraining_model_names_its_classifier():
+def test_each_pretraining_model_names_its_classifier():
+    """Images and clips alike: the classifier has the pretrained encoder's keys and shapes."""
     import models_vit
+    from util.checkpoint import clean_state_dict
     for name in models_hpm.PRETRAIN_MODELS.names():
-        if not models_hpm.is_video_model(name):   # the video classifiers are not there yet
-            assert models_hpm.encoder_name(name) in models_vit.CLASSIFIERS.names(), name
+        classifier = models_hpm.encoder_name(name)
+        assert classifier in models_vit.CLASSIFIERS.names(), name
+        assert models_vit.is_video_classifier(classifier) == models_hpm.is_video_model(name), name
+    for name in ("mae_vit_tiny_patch4", "videomae_vit_tiny_patch4", "videomae_vit_small_patch16"):
+        encoder = clean_state_dict(models_hpm.create_pretrain_model(name).state_dict())
+        own = models_vit.create_classifier(models_hpm.encoder_name(name), global_pool=False, num_classes=0).state_dict()
+        assert {k: tuple(v.shape) for k, v in encoder.items()} == {k: tuple(v.shape) for k, v in own.items()}, name
+
+
+def test_the_video_variants_evaluate_video_encoders_on_their_clips(tmp_path):
+    import main_ablation
+    args = main_ablation.get_args_parser().parse_args(
+        ["--model", "videomae_vit_tiny_patch4", "--variants", "videomae", "hpm_tube", "hpm_token", "--seeds", "0",
+         "--num_frames", "8", "--output_dir", str(tmp_path)])
+    runs = main_ablation.plan_runs(args, main_ablation.parse_variants(args), tmp_path)
+    assert [r.variant for r in runs] == ["videomae", "hpm_tube", "hpm_token"]
+    for run in runs:
+        pretrain = run.stages[0].argv
+        assert "--model" in pretrain and "videomae_vit_tiny_patch4" in pretrain
+        for stage in run.stages[1:]:
+            argv = stage.argv
+            assert argv[argv.index("--model") + 1] == "video_vit_tiny_patch4"
+            assert argv[argv.index("--num_frames") + 1] == "8"
+    assert [s.name for s in runs[0].stages] == ["pretrain", "knn_student", "linprobe_student"]
+    assert "--hard_unit" in runs[2].stages[0].argv and "token" in runs[2].stages[0].argv
+    assert len(runs[1].stages) == 5   # HPM: the teacher evaluated too
 
 
 def test_namespace_to_argv_round_trips():

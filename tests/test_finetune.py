@@ -166,7 +166,7 @@ def test_pretrain_finetune_eval_resume_end_to_end(tmp_path, pretrained_checkpoin
     best = max(r["test_acc1"] for r in log)
     res = run_script("main_finetune.py", "--eval", "--resume", str(ft / "checkpoint-best.pth"), *TINY)
     assert res.returncode == 0, res.stderr
-    assert f"top-1 {best:.2f}%" in res.stdout and "359 validation images" in res.stdout
+    assert f"top-1 {best:.2f}%" in res.stdout and "359 validation samples" in res.stdout
     res = run_script("main_finetune.py", "--epochs", "3", *common)
     assert res.returncode == 0, res.stderr
     assert "resumed from" in res.stdout and "at epoch 2" in res.stdout

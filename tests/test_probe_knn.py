@@ -56,7 +56,7 @@ def test_linprobe_end_to_end_keeps_encoder_frozen(tmp_path, pretrained_checkpoin
     res = run_script("main_linprobe.py", "--finetune", str(pretrained_checkpoint), "--epochs", "2",
                      "--warmup_epochs", "1", "--batch_size", "128", "--num_workers", "0", "--output_dir", str(out))
     assert res.returncode == 0, res.stderr
-    assert "epoch 1: top-1" in res.stdout and "on 359 images" in res.stdout
+    assert "epoch 1: top-1" in res.stdout and "on 359 samples" in res.stdout
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and all(r["test_count"] == 359 for r in log)
     probed = load_file(out / "checkpoint-last.pth")["model"]

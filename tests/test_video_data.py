@@ -7,30 +7,12 @@ import pytest
 import torch
 
 import main_pretrain
-from tests.helpers import run_script
+from tests.helpers import run_script, write_video
 from util.data import SkipBadImages
 from util.errors import UserError
 from util.rng import seed_all
 from util.video import (BadVideoError, ClipTransform, MovingDigitsClips, build_clip_dataset, decode_frames,
                         multiscale_crop_box, sample_indices)
-
-
-def write_video(path, frames: int, height: int, width: int, grey: bool = False, codec: str = "mpeg4") -> None:
-    """A real video file: a bright square moving right over noise, `frames` frames at 25 fps."""
-    import av
-    rng = np.random.RandomState(frames + height)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec if not grey else "ffv1", rate=25)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "gray" if grey else "yuv420p"
-        for t in range(frames):
-            pixels = rng.randint(0, 60, (height, width, 3), dtype=np.uint8)
-            pixels[height // 3: height // 3 + 6, (2 * t) % max(width - 6, 1):][:, :6] = 250
-            frame = av.VideoFrame.from_ndarray(pixels[..., 0] if grey else pixels, format="gray" if grey else "rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +46,7 @@ def test_sampling_takes_every_nth_frame_and_repeats_the_last_of_a_short_video():
                                          ("grey.mkv", (36, 36)), ("tall.mp4", (72, 40))])
 def test_any_video_decodes_to_the_sampled_rgb_frames(videos, name, shape):
     seed_all(1)
-    frames = decode_frames(str(videos / "clips" / name), 16, 4)
+    frames = decode_frames(str(videos / "clips" / name), lambda total: sample_indices(total, 16, 4))
     assert frames.shape == (16, *shape, 3) and frames.dtype == np.uint8
     if name == "grey.mkv":
         assert np.array_equal(frames[..., 0], frames[..., 2])
@@ -81,12 +63,13 @@ def test_the_decode_reads_frames_in_order_and_matches_a_full_decode(videos):
     seed_all(2)
     idx = sample_indices(len(every), 8, 4)
     seed_all(2)
-    assert np.array_equal(decode_frames(str(videos / "clips" / "long.mp4"), 8, 4), np.stack([every[i] for i in idx]))
+    assert np.array_equal(decode_frames(str(videos / "clips" / "long.mp4"), lambda total: sample_indices(total, 8, 4)),
+                          np.stack([every[i] for i in idx]))
 
 
 def test_a_corrupt_video_stops_naming_it_or_is_skipped(videos):
     with pytest.raises(BadVideoError, match="broken.mp4: unreadable video"):
-        decode_frames(str(videos / "clips" / "broken.mp4"), 16, 4)
+        decode_frames(str(videos / "clips" / "broken.mp4"), lambda total: [0])
     data = SkipBadImages(build_clip_dataset(str(videos / "with_broken"), "train", ClipTransform(32), labelled=False))
     clip, _ = data[3]
     assert clip.shape == (3, 16, 32, 32) and data.skipped == 1

@@ -154,7 +154,7 @@ def test_activation_checkpointing_changes_no_loss_and_no_gradient(name, shape):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
-def test_our_video_checkpoints_load_student_and_teacher_and_visualize_refuses_them(tmp_path):
+def test_our_video_checkpoints_load_student_and_teacher_and_visualize_wants_videos(tmp_path):
     import visualize
     from util.errors import UserError
     torch.manual_seed(0)
@@ -171,6 +171,6 @@ def test_our_video_checkpoints_load_student_and_teacher_and_visualize_refuses_th
         for key, value in source.state_dict().items():
             assert torch.equal(loaded.state_dict()[key], value), key
     (tmp_path / "img.png").write_bytes(b"")
-    with pytest.raises(UserError, match="a video model; visualize.py draws images"):
+    with pytest.raises(UserError, match="is a video checkpoint; pass --videos"):
         visualize.main(visualize.get_args_parser().parse_args(
             ["--checkpoint", str(path), "--images", str(tmp_path), "--output", str(tmp_path / "fig.png")]))

@@ -92,6 +92,42 @@ def resolve_augmentation(args: argparse.Namespace) -> None:
         raise UserError(f"--hflip {args.hflip:g} is a probability: use a value in [0, 1]")
 
 
+def clip_parser(training: bool) -> argparse.ArgumentParser:
+    """How the video classifiers (video_vit_*) read clips: VideoMAE's sampling and test views. The
+    built-in moving digits are 16 frames and are taken whole (one temporal view)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("clips (video_vit_* models)")
+    g.add_argument("--num_frames", type=int, default=None, help="frames per clip (default: the model's, 16)")
+    g.add_argument("--sampling", choices=["dense", "segment"], default="dense",
+                   help="dense: frames --sampling_rate apart from a random start (Kinetics); segment: one frame "
+                        "of each of num_frames equal segments (TSN; Something-Something)")
+    g.add_argument("--sampling_rate", type=int, default=4, help="dense: frames between sampled frames")
+    g.add_argument("--test_clips", type=int, default=1,
+                   help="temporal views of each validation video (VideoMAE: 5 on Kinetics, 2 on SSv2)")
+    g.add_argument("--test_crops", type=int, default=1,
+                   help="spatial views along the long side of each temporal view (VideoMAE: 3); the scores "
+                        "(softmax) of all views are averaged")
+    g.add_argument("--single_frame", action="store_true",
+                   help="show the network every clip's middle frame repeated: what a single frame can tell "
+                        "(a baseline for labels that need motion)")
+    if training:
+        g.add_argument("--no_flip", action="store_true",
+                       help="never flip (as --hflip 0): for labels that tell left from right (Something-Something)")
+    return p
+
+
+def check_clip_args(args: argparse.Namespace) -> None:
+    for flag in ("sampling_rate", "test_clips", "test_crops"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)} must be at least 1")
+    if args.num_frames is not None and args.num_frames < 1:
+        raise UserError(f"--num_frames {args.num_frames} must be at least 1")
+    if getattr(args, "no_flip", False):
+        if args.hflip not in (None, 0.0):
+            raise UserError(f"--no_flip and --hflip {args.hflip:g} contradict each other; pass one")
+        args.hflip = 0.0
+
+
 def runtime_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("runtime")
@@ -123,7 +159,8 @@ def pooling_parser(global_pool: bool) -> argparse.ArgumentParser:
     g.add_argument("--global_pool", action="store_true", default=global_pool,
                    help="average the patch tokens, then fc_norm" + (" (default)" if global_pool else ""))
     g.add_argument("--cls_token", action="store_false", dest="global_pool",
-                   help="the class token after the pretrained norm" + ("" if global_pool else " (default)"))
+                   help="the class token after the pretrained norm (video_vit_* models, which have none: the "
+                        "average of the tokens after the pretrained norm)" + ("" if global_pool else " (default)"))
     return p
 
 

@@ -165,8 +165,8 @@ def pick_state_dict(ckpt: dict, teacher: bool, path: str | os.PathLike, what: st
         key = "teacher" if teacher else "model"
     elif "state_dict" in ckpt or "ema_state_dict" in ckpt:
         key = "ema_state_dict" if teacher else "state_dict"
-    elif isinstance(ckpt.get("model"), dict):
-        key = "model"
+    elif isinstance(ckpt.get("model"), dict) or isinstance(ckpt.get("module"), dict):   # VideoMAE: either
+        key = "model" if isinstance(ckpt.get("model"), dict) else "module"
         if teacher:
             raise UserError(f"{what} {path}: --teacher asks for the EMA teacher, but this checkpoint has none "
                             f"(an MAE or fine-tuning file); drop --teacher")
@@ -209,7 +209,24 @@ def read_weights(path: str | os.PathLike, teacher: bool = False, what: str = "--
         if teacher:
             raise UserError(f"{what} {path}: an exported folder holds one encoder; drop --teacher")
         return clean_state_dict(read_folder(path, what))
-    return clean_state_dict(pick_state_dict(load_file(path, what), teacher, path, what))
+    state = pick_state_dict(load_file(path, what), teacher, path, what)
+    if "encoder.patch_embed.proj.weight" in state or any(k.endswith("attn.q_bias") for k in state):
+        from util.formats import from_videomae
+        state = from_videomae(state)   # VideoMAE's own pretraining or fine-tuned layout
+    return clean_state_dict(state)
+
+
+def check_input_kind(state: dict, own: dict, path, what: str) -> None:
+    """A one-line error when an image checkpoint meets a video network or back (their patch
+    embeddings are Conv2d and Conv3d)."""
+    theirs, mine = state.get("patch_embed.proj.weight"), own.get("patch_embed.proj.weight")
+    if theirs is None or mine is None or theirs.dim() == mine.dim():
+        return
+    if mine.dim() == 5:
+        raise UserError(f"{what} {path}: an image checkpoint, but the model takes clips; pass a video checkpoint, "
+                        f"or an image model (--model vit_*)")
+    raise UserError(f"{what} {path}: a video checkpoint, but the model takes images; pass an image checkpoint, "
+                    f"or a video model (--model video_vit_*)")
 
 
 def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, teacher: bool = False,
@@ -225,14 +242,18 @@ def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, teacher:
 
     state = read_weights(path, teacher, what)
     own = model.state_dict()
+    check_input_kind(state, own, path, what)
     uses_fc_norm = "fc_norm.weight" in own
     if allowed_missing is None:
         allowed_missing = ("head.weight", "head.bias") + (("fc_norm.weight", "fc_norm.bias") if uses_fc_norm else ())
+    if own["patch_embed.proj.weight"].dim() == 5:   # clips: the fixed table is the model's own
+        state.pop("pos_embed", None)
+        allowed_missing = (*allowed_missing, "pos_embed")
     if uses_fc_norm:
         for key in ("norm.weight", "norm.bias"):
             state.pop(key, None)
-    for key in ("head.weight", "head.bias"):
-        if key in state and key in own and state[key].shape != own[key].shape:
+    for key in ("head.weight", "head.bias"):   # a head of other classes, or a model without one (features)
+        if key in state and (key not in own or state[key].shape != own[key].shape):
             del state[key]
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         prefix = model.num_prefix_tokens if hasattr(model, "num_prefix_tokens") else 1
@@ -253,7 +274,7 @@ def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, teacher:
         raise UserError(f"{what} {path} does not fit this model ({'; '.join(problems)}); check --model "
                         f"and --global_pool/--cls_token")
     model.load_state_dict(state, strict=False)
-    return missing
+    return [k for k in missing if k != "pos_embed" or own["patch_embed.proj.weight"].dim() != 5]
 
 
 def save_training_checkpoint(paths: list[Path], fmt: str, model_name: str, next_epoch: int, args,

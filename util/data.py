@@ -333,10 +333,15 @@ def finetune_transform(input_size: int, args, stats: Stats = IMAGENET) -> Callab
                                  re_mode=args.remode, re_count=args.recount, mean=stats.mean, std=stats.std)
     for step in transform.transforms:
         if isinstance(step, RandAugment):
-            for op in step.ops:
-                if op.name.startswith("Posterize"):
-                    op.aug_fn = posterize_any_bits
+            posterize_safely(step)
     return transform
+
+
+def posterize_safely(augment) -> None:
+    """Make a timm RandAugment's Posterize ops accept 0 bits (see posterize_any_bits)."""
+    for op in augment.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = posterize_any_bits
 
 
 class ShardSampler(torch.utils.data.Sampler):

@@ -13,9 +13,14 @@ TIMM_NAMES = {(384, 16, 12): "vit_small_patch16_224", (768, 16, 12): "vit_base_p
               (1024, 16, 24): "vit_large_patch16_224", (1280, 14, 32): "vit_huge_patch14_224"}
 
 
+def is_video_state(state: dict) -> bool:
+    """Whether an encoder state dict takes clips (a Conv3d tubelet embedding)."""
+    return "patch_embed.proj.weight" in state and state["patch_embed.proj.weight"].dim() == 5
+
+
 def encoder_only(state: dict, what: str, path) -> tuple[dict, list[str]]:
     """The ViT encoder's tensors of a cleaned state dict; notes what was dropped besides decoders."""
-    if "patch_embed.proj.weight" not in state or "cls_token" not in state:
+    if "patch_embed.proj.weight" not in state or ("cls_token" not in state and not is_video_state(state)):
         raise UserError(f"{what} {path}: holds no ViT encoder (no patch_embed / cls_token weights); pass a "
                         f"pretraining or fine-tuning checkpoint")
     encoder = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
@@ -25,18 +30,26 @@ def encoder_only(state: dict, what: str, path) -> tuple[dict, list[str]]:
     return encoder, notes
 
 
-def architecture(state: dict) -> dict:
-    """ViT hyper-parameters read off an encoder state dict (heads from the standard width table)."""
-    embed_dim = state["cls_token"].shape[-1]
-    patch = state["patch_embed.proj.weight"].shape[-1]
+def architecture(state: dict, num_frames: int = 16) -> dict:
+    """ViT hyper-parameters read off an encoder state dict (heads from the standard width table). A
+    video encoder adds num_frames (which its file does not say: `num_frames`) and tubelet_size; its
+    size comes from the position table where there is one, else VideoMAE's 224."""
+    proj = state["patch_embed.proj.weight"]
+    embed_dim, patch = proj.shape[0], proj.shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
+    video = {}
+    if proj.dim() == 5:
+        video = {"num_frames": num_frames, "tubelet_size": proj.shape[2]}
+        grid = round((state["pos_embed"].shape[1] / (num_frames // proj.shape[2])) ** 0.5) if "pos_embed" in state \
+            else 224 // patch
+    else:
+        grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
     if embed_dim not in HEADS:
         raise UserError(f"embedding width {embed_dim} is not one of the registered ViTs "
                         f"({', '.join(map(str, HEADS))}): the number of attention heads is unknown")
     return {"img_size": grid * patch, "patch_size": patch, "embed_dim": embed_dim, "depth": depth,
             "num_heads": HEADS[embed_dim], "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
-            "global_pool": "fc_norm.weight" in state}
+            "global_pool": "fc_norm.weight" in state, **video}
 
 
 def timm_config(arch: dict, mean, std) -> dict:
@@ -73,6 +86,52 @@ def to_hf(state: dict) -> dict:
                 out[f"{theirs}attention.attention.{name}.{kind}"] = part
             for src, dst in _HF_BLOCK.items():
                 out[f"{theirs}{dst}.{kind}"] = state[f"{ours}{src}.{kind}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def to_hf_video(state: dict) -> dict:
+    """Our video encoder keys -> transformers VideoMAEModel's (q, k, v split; the key has no bias
+    there, and ours changes nothing: it adds the same number to every logit of a query's row). With
+    global pooling (fc_norm) VideoMAEModel has no final norm (`use_mean_pooling`): fc_norm is left out."""
+    out = {"embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"]}
+    if "fc_norm.weight" not in state:
+        out["layernorm.weight"], out["layernorm.bias"] = state["norm.weight"], state["norm.bias"]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    for i in range(depth):
+        ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
+        q, k, v = state[f"{ours}attn.qkv.weight"].chunk(3, dim=0)
+        q_bias, _, v_bias = state[f"{ours}attn.qkv.bias"].chunk(3, dim=0)
+        attn = f"{theirs}attention.attention."
+        out.update({f"{attn}query.weight": q, f"{attn}key.weight": k, f"{attn}value.weight": v,
+                    f"{attn}query.bias": q_bias, f"{attn}value.bias": v_bias})
+        for src, dst in _HF_BLOCK.items():
+            for kind in ("weight", "bias"):
+                out[f"{theirs}{dst}.{kind}"] = state[f"{ours}{src}.{kind}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_video_config(arch: dict) -> dict:
+    """config.json of a transformers VideoMAEModel."""
+    return {"architectures": ["VideoMAEModel"], "model_type": "videomae", "hidden_size": arch["embed_dim"],
+            "num_hidden_layers": arch["depth"], "num_attention_heads": arch["num_heads"],
+            "intermediate_size": int(arch["embed_dim"] * arch["mlp_ratio"]), "hidden_act": "gelu",
+            "image_size": arch["img_size"], "patch_size": arch["patch_size"], "num_channels": 3,
+            "num_frames": arch["num_frames"], "tubelet_size": arch["tubelet_size"], "qkv_bias": True,
+            "use_mean_pooling": arch["global_pool"], "layer_norm_eps": 1e-6, "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0}
+
+
+def to_videomae(state: dict) -> dict:
+    """Our video encoder keys -> VideoMAE's fine-tuning layout (what its fine-tuned files hold and its
+    fine-tuning script's --finetune reads): `attn.q_bias` / `attn.v_bias` instead of one qkv bias."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("attn.qkv.bias"):
+            q_bias, _, v_bias = value.chunk(3)
+            out[key.replace("qkv.bias", "q_bias")], out[key.replace("qkv.bias", "v_bias")] = q_bias, v_bias
+        elif key != "pos_embed":   # VideoMAE computes its fixed table
+            out[key] = value
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -184,4 +243,17 @@ def read_folder(folder: Path, what: str) -> dict:
         kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
     except Exception as exc:   # safetensors and json raise several kinds on damaged files
         raise UserError(f"{what} {folder}: unreadable ({type(exc).__name__}); use an intact export") from None
+    if kind == "videomae":
+        return from_hf_video(state)
     return from_hf(state) if kind in ("vit_mae", "vit") else state
+
+
+def from_hf_video(state: dict) -> dict:
+    """transformers VideoMAEModel / VideoMAEForVideoClassification / VideoMAEForPreTraining -> our keys
+    (fc_norm kept, `classifier` -> head)."""
+    out = from_hf_pretraining(state, video=True)
+    for theirs, ours in (("fc_norm", "fc_norm"), ("classifier", "head")):
+        for kind in ("weight", "bias"):
+            if f"{theirs}.{kind}" in state:
+                out[f"{ours}.{kind}"] = state[f"{theirs}.{kind}"]
+    return out

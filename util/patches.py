@@ -2,6 +2,37 @@
 tubelets (VideoMAE's: token index t * (gh * gw) + h * gw + w, time slowest, as Conv3d's output
 flattens)."""
 import torch
+import torch.nn as nn
+
+
+class TubeletEmbed(nn.Module):
+    """VideoMAE's tubelet embedding: Conv3d with kernel = stride = (t, p, p); (N, C, T, H, W) ->
+    (N, L, D), token index t * (gh * gw) + h * gw + w (time slowest). Its signature is timm's
+    PatchEmbed's (`embed_layer=partial(TubeletEmbed, num_frames=..., tubelet_size=...)`)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True,
+                 dynamic_img_pad: bool = False, *, num_frames: int, tubelet_size: int, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        if num_frames % tubelet_size:
+            raise ValueError(f"{num_frames} frames do not divide into tubelets of {tubelet_size}: use a multiple of "
+                             f"{tubelet_size} (--num_frames)")
+        if img_size % patch_size or dynamic_img_pad:
+            raise ValueError(f"input size {img_size} is not divisible by the patch size {patch_size}: use a "
+                             f"multiple of {patch_size} (--input_size)")
+        self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_frames, self.tubelet_size = num_frames, tubelet_size
+        self.frames = num_frames // tubelet_size
+        self.num_patches = self.frames * self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv3d(in_chans, embed_dim, (tubelet_size, patch_size, patch_size),
+                              stride=(tubelet_size, patch_size, patch_size), bias=bias, device=device, dtype=dtype)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        if clips.dim() != 5 or tuple(clips.shape[2:]) != (self.num_frames, *self.img_size):
+            raise ValueError(f"expected clips (N, C, {self.num_frames}, {self.img_size[0]}, {self.img_size[1]}), "
+                             f"got {tuple(clips.shape)}")
+        return self.proj(clips).flatten(2).transpose(1, 2)
 
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from util.data import BadImageError, read_list_file
+from util.data import BadImageError, SkipBadImages, posterize_safely, read_list_file
 from util.errors import UserError
 from util.normalization import IMAGENET, Stats
 
@@ -74,9 +74,39 @@ def sample_indices(num_frames: int, clip_frames: int, sampling_rate: int) -> lis
     return [min(start + i * sampling_rate, num_frames - 1) for i in range(clip_frames)]
 
 
-def decode_frames(path: str, clip_frames: int, sampling_rate: int) -> np.ndarray:
-    """The sampled frames of a video file, (T, H, W, 3) uint8 RGB: decoded in order up to the last
-    frame the clip needs (nothing after it), any size, frame rate or pixel format."""
+class ClipSampling:
+    """Which frames of a video of `total` frames a training clip or the test's temporal views take:
+    `dense` (Kinetics): `clip_frames` frames every `sampling_rate`-th, from a random start in training,
+    from `views` starts spread evenly over the video at test; `segment` (TSN, Something-Something):
+    the video cut into `clip_frames` equal segments, one random frame of each in training, at test
+    view v the frame at (v + 0.5) / views of each segment. Returns one list of frame numbers per view."""
+
+    def __init__(self, mode: str, clip_frames: int, sampling_rate: int, train: bool, views: int = 1) -> None:
+        if mode not in ("dense", "segment"):
+            raise ValueError(f"sampling {mode!r}: use dense or segment")
+        self.mode, self.clip_frames, self.sampling_rate = mode, clip_frames, sampling_rate
+        self.train, self.views = train, 1 if train else views
+
+    def __call__(self, total: int) -> list[list[int]]:
+        t = self.clip_frames
+        if self.mode == "segment":
+            length = total / t
+            if self.train:
+                return [[min(int(length * s + random.random() * length), total - 1) for s in range(t)]]
+            return [[min(int(length * (s + (v + 0.5) / self.views)), total - 1) for s in range(t)]
+                    for v in range(self.views)]
+        if self.train:
+            return [sample_indices(total, t, self.sampling_rate)]
+        span = (t - 1) * self.sampling_rate + 1
+        room = max(total - span, 0)
+        starts = [room // 2] if self.views == 1 else [round(v * room / (self.views - 1)) for v in range(self.views)]
+        return [[min(s + i * self.sampling_rate, total - 1) for i in range(t)] for s in starts]
+
+
+def decode_frames(path: str, pick: Callable[[int], list[int]]) -> np.ndarray:
+    """The frames `pick(total frames)` names, (len, H, W, 3) uint8 RGB in the order named (repeats
+    allowed): decoded in order up to the last frame needed (nothing after it), any size, frame rate
+    or pixel format."""
     import av
     try:
         with av.open(path) as container:
@@ -86,12 +116,12 @@ def decode_frames(path: str, clip_frames: int, sampling_rate: int) -> np.ndarray
             if total <= 0:   # no frame count in the container: count them
                 total = sum(1 for _ in container.decode(stream))
                 container.seek(0)
-            wanted = sample_indices(total, clip_frames, sampling_rate)
-            needed, kept = set(wanted), {}
+            wanted = pick(total)
+            needed, kept, last_needed = set(wanted), {}, max(wanted)
             for number, frame in enumerate(container.decode(stream)):
                 if number in needed:
                     kept[number] = frame.to_ndarray(format="rgb24")
-                if number >= wanted[-1]:
+                if number >= last_needed:
                     break
     except (av.error.FFmpegError, IndexError, ValueError, OSError) as exc:
         raise BadVideoError(f"{path}: unreadable video ({type(exc).__name__}: {str(exc)[:120]}); remove or "
@@ -104,9 +134,10 @@ def decode_frames(path: str, clip_frames: int, sampling_rate: int) -> np.ndarray
 
 class VideoListDataset(Dataset):
     """VideoMAE's list files: one `path label` per line (one space, no header), paths relative to
-    `root`; for pretraining a line may be a path alone."""
+    `root`; for pretraining a line may be a path alone. `sampling` names the frames of each view
+    (ClipSampling); a sample is (T, H, W, 3) frames, or (views, T, H, W, 3) for several views."""
 
-    def __init__(self, root: Path, list_file: Path, transform: Callable | None, clip_frames: int, sampling_rate: int,
+    def __init__(self, root: Path, list_file: Path, transform: Callable | None, sampling: ClipSampling,
                  labelled: bool) -> None:
         self.samples = [(str(Path(rel) if Path(rel).is_absolute() else root / rel), label)
                         for _, rel, label in read_list_file(list_file, labelled)]
@@ -116,20 +147,29 @@ class VideoListDataset(Dataset):
                             f"or --data_path")
         self.targets = [label for _, label in self.samples]
         self.num_classes = max(self.targets, default=-1) + 1
-        self.transform, self.clip_frames, self.sampling_rate = transform, clip_frames, sampling_rate
+        self.transform, self.sampling = transform, sampling
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        frames = decode_frames(path, self.clip_frames, self.sampling_rate)
+        views: list[list[int]] = []
+
+        def pick(total: int) -> list[int]:
+            views.extend(self.sampling(total))
+            return [i for view in views for i in view]
+
+        frames = decode_frames(path, pick)
+        if len(views) > 1:
+            frames = frames.reshape(len(views), -1, *frames.shape[1:])
         return (self.transform(frames) if self.transform else frames), label
 
 
 def build_clip_dataset(data_path: str | None, split: str, transform: Callable | None, clip_frames: int = 16,
-                       sampling_rate: int = 4, labelled: bool = True) -> Dataset:
-    """The built-in moving digits (None), or DIR/<split>.csv (VideoMAE's list files)."""
+                       sampling_rate: int = 4, labelled: bool = True, sampling: ClipSampling | None = None) -> Dataset:
+    """The built-in moving digits (None; their 16 frames are taken whole), or DIR/<split>.csv
+    (VideoMAE's list files), sampled by `sampling` (default: VideoMAE's pretraining clip)."""
     if data_path is None:
         return MovingDigitsClips(split, transform, clip_frames)
     root = Path(data_path)
@@ -137,7 +177,8 @@ def build_clip_dataset(data_path: str | None, split: str, transform: Callable | 
     if not list_file.is_file():
         raise UserError(f"--data_path {root}: no {split}.csv (VideoMAE's list file: one 'path label' per line, paths "
                         f"relative to {root})")
-    return VideoListDataset(root, list_file, transform, clip_frames, sampling_rate, labelled)
+    sampling = sampling or ClipSampling("dense", clip_frames, sampling_rate, train=True)
+    return VideoListDataset(root, list_file, transform, sampling, labelled)
 
 
 SCALES = (1.0, 0.875, 0.75, 0.66)
@@ -180,3 +221,132 @@ class ClipTransform:
         if (h, w) != (self.size, self.size):
             clip = F.interpolate(clip, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return (clip - self.mean) / self.std
+
+
+def same_draw_for_each(items: list, fn: Callable) -> list:
+    """`fn` on each item with the RNGs (python, numpy, torch) as they were before the first, so a
+    random augmentation draws the same operations and magnitudes for every frame of a clip."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    out = []
+    for item in items:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        out.append(fn(item))
+    return out
+
+
+def repeat_middle_frame(clips: torch.Tensor) -> torch.Tensor:
+    """(..., 3, T, H, W) -> the middle frame T times: the clip as one frame shows it (no motion)."""
+    t = clips.shape[-3]
+    return clips[..., t // 2:t // 2 + 1, :, :].expand(clips.shape).contiguous()
+
+
+class FinetuneClipTransform:
+    """VideoMAE's fine-tuning augmentation, (T, H, W, 3) uint8 -> (3, T, size, size): RandAugment
+    (`aa`) with the same operations and magnitudes on every frame, one random resized crop (area
+    `crop_scale`, aspect 3/4 to 4/3, bilinear) and flip (`hflip`) for the whole clip, normalisation,
+    then random erasing frame by frame (`reprob`, as VideoMAE erases). `single_frame`: the middle
+    frame repeated (see repeat_middle_frame)."""
+
+    def __init__(self, size: int, stats: Stats, aa: str | None, crop_scale: tuple[float, float], hflip: float,
+                 reprob: float = 0.0, remode: str = "pixel", recount: int = 1, single_frame: bool = False) -> None:
+        from timm.data.auto_augment import rand_augment_transform
+        from timm.data.random_erasing import RandomErasing
+        from torchvision.transforms import RandomResizedCrop
+        self.size, self.crop_scale, self.hflip, self.single_frame = size, tuple(crop_scale), hflip, single_frame
+        self.augment = None
+        if aa:
+            img_mean = tuple(min(255, round(255 * m)) for m in stats.mean)
+            self.augment = rand_augment_transform(aa, {"translate_const": int(size * 0.45), "img_mean": img_mean})
+            posterize_safely(self.augment)
+        self.box = RandomResizedCrop.get_params
+        self.erase = RandomErasing(reprob, mode=remode, max_count=recount, num_splits=0, device="cpu") if reprob else None
+        self.mean = torch.tensor(stats.mean).view(3, 1, 1, 1)
+        self.std = torch.tensor(stats.std).view(3, 1, 1, 1)
+
+    def __call__(self, frames: np.ndarray) -> torch.Tensor:
+        if self.augment is not None:
+            from PIL import Image
+            frames = np.stack([np.asarray(img) for img in
+                               same_draw_for_each([Image.fromarray(f) for f in frames], self.augment)])
+        clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 255.0   # (3, T, H, W)
+        top, left, h, w = self.box(clip[:, 0], self.crop_scale, (3 / 4, 4 / 3))
+        clip = F.interpolate(clip[:, :, top:top + h, left:left + w], size=(self.size, self.size), mode="bilinear",
+                             align_corners=False)
+        if random.random() < self.hflip:
+            clip = clip.flip(-1)
+        clip = (clip - self.mean) / self.std
+        if self.erase is not None:
+            clip = self.erase(clip.transpose(0, 1).contiguous()).transpose(0, 1)   # (T, 3, H, W): per frame
+        return repeat_middle_frame(clip) if self.single_frame else clip.contiguous()
+
+
+class ClipViews:
+    """The test's views of a video, (views, T, H, W, 3) or (T, H, W, 3) uint8 -> (views x crops, 3, T,
+    size, size): the short side resized to `size` (bilinear), then `crops` crops along the long side
+    (1: the centre; 3: both ends and the centre), normalised. `single_frame` as FinetuneClipTransform."""
+
+    def __init__(self, size: int, stats: Stats, crops: int = 1, single_frame: bool = False) -> None:
+        self.size, self.crops, self.single_frame = size, crops, single_frame
+        self.mean = torch.tensor(stats.mean).view(3, 1, 1, 1)
+        self.std = torch.tensor(stats.std).view(3, 1, 1, 1)
+
+    def __call__(self, frames: np.ndarray) -> torch.Tensor:
+        views = frames if frames.ndim == 5 else frames[None]
+        out = []
+        for view in views:
+            clip = torch.from_numpy(np.ascontiguousarray(view)).permute(3, 0, 1, 2).float() / 255.0
+            height, width = clip.shape[-2:]
+            scale = self.size / min(height, width)
+            new_h, new_w = max(self.size, round(height * scale)), max(self.size, round(width * scale))
+            if (new_h, new_w) != (height, width):
+                clip = F.interpolate(clip, size=(new_h, new_w), mode="bilinear", align_corners=False)
+            room_h, room_w = new_h - self.size, new_w - self.size
+            for c in range(self.crops):
+                where = 0.5 if self.crops == 1 else c / (self.crops - 1)
+                top, left = (round(room_h * where), round(room_w * 0.5)) if room_h > room_w else \
+                            (round(room_h * 0.5), round(room_w * where))
+                out.append(clip[:, :, top:top + self.size, left:left + self.size])
+        clips = (torch.stack(out) - self.mean) / self.std
+        return repeat_middle_frame(clips) if self.single_frame else clips
+
+
+def finetune_clip_transform(size: int, args, stats: Stats = IMAGENET) -> FinetuneClipTransform:
+    """Fine-tuning's clip augmentation from main_finetune's flags (--aa, --crop_scale, --hflip,
+    --reprob, --remode, --recount, --single_frame)."""
+    return FinetuneClipTransform(size, stats, args.aa, args.crop_scale, args.hflip, args.reprob, args.remode,
+                                 args.recount, args.single_frame)
+
+
+def probe_clip_transform(size: int, args, stats: Stats = IMAGENET) -> FinetuneClipTransform:
+    """Linear probing's clip augmentation: the random resized crop and flip alone, as for images."""
+    return FinetuneClipTransform(size, stats, None, args.crop_scale, args.hflip, single_frame=args.single_frame)
+
+
+def clip_dataset(args, split: str, transform: Callable, frames: int, train: bool):
+    """A video classifier's `split`: the built-in moving digits or DIR/<split>.csv, sampled by
+    --sampling (training: one random clip; validation: --test_clips views), --bad_images honoured."""
+    sampling = ClipSampling(args.sampling, frames, args.sampling_rate, train=train, views=args.test_clips)
+    if train and getattr(args, "num_sample", 1) > 1:
+        transform = RepeatedAugment(transform, args.num_sample)
+    dataset = build_clip_dataset(args.data_path, split, transform, frames, labelled=True, sampling=sampling)
+    return SkipBadImages(dataset) if args.bad_images == "skip" else dataset
+
+
+class RepeatedAugment:
+    """VideoMAE's repeated augmentation (--num_sample): one decoded clip, `n` independent
+    augmentations of it, stacked (n, ...); `stacked_views_collate` makes them n batch entries."""
+
+    def __init__(self, transform: Callable, n: int) -> None:
+        self.transform, self.n = transform, n
+
+    def __call__(self, frames):
+        return torch.stack([self.transform(frames) for _ in range(self.n)])
+
+
+def stacked_views_collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(n, ...) samples, label] -> (B x n, ...) inputs, each label repeated n times."""
+    inputs = torch.stack([sample for sample, _ in batch])
+    labels = torch.tensor([label for _, label in batch]).repeat_interleave(inputs.shape[1])
+    return inputs.flatten(0, 1), labels
