@@ -141,8 +141,7 @@ class ClassifierSetup:
         self.dist, self.device = start_process(args.device, args.dist_url, args.dist_timeout)
         check_common(args)
         self.video = is_video_classifier(args.model)
-        if self.video:
-            check_clip_args(args)
+        check_clip_args(args, self.video)
         resolve_augmentation(args)
         probe = build_classifier(args, 1)
         args.input_size = probe.patch_embed.img_size[0]

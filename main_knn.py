@@ -58,6 +58,7 @@ def main(args: argparse.Namespace) -> None:
     dist_info, device = start_process(args.device, args.dist_url, args.dist_timeout)
     if args.batch_size < 1 or min(args.nb_knn) < 1:
         raise UserError("--batch_size and every --nb_knn value must be at least 1")
+    check_clip_args(args, is_video_classifier(args.model))
     output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)
     if args.load_features:
         stored = {name: load_file(Path(args.load_features) / f"{name}.pth", "--load_features")["tensor"]
@@ -76,7 +77,6 @@ def main(args: argparse.Namespace) -> None:
         stats = downstream_stats(args.finetune, args.mean, args.std)
         args.mean, args.std = list(stats.mean), list(stats.std)
         if is_video_classifier(model):   # every video's test views, features averaged over them
-            check_clip_args(args)
             views = ClipViews(size, stats, args.test_crops, args.single_frame)
             frames = model.patch_embed.num_frames
             train_set, val_set = (clip_dataset(args, split, views, frames, train=False) for split in ("train", "val"))

@@ -147,9 +147,6 @@ def build_classifier(args, num_classes: int, **kwargs) -> VisionTransformer:
         kwargs["img_size"] = args.input_size
     if getattr(args, "num_frames", None) is not None and is_video_classifier(args.model):
         kwargs.update(num_frames=args.num_frames)
-    elif getattr(args, "num_frames", None) is not None:
-        raise UserError(f"--num_frames {args.num_frames}: --model {args.model} takes images; choose a video_vit_* "
-                        f"model for clips")
     try:
         return create_classifier(args.model, num_classes=num_classes, global_pool=args.global_pool, **kwargs)
     except (ValueError, AssertionError) as exc:

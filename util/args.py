@@ -116,7 +116,18 @@ def clip_parser(training: bool) -> argparse.ArgumentParser:
     return p
 
 
-def check_clip_args(args: argparse.Namespace) -> None:
+CLIP_DEFAULTS = {"num_frames": None, "sampling": "dense", "sampling_rate": 4, "test_clips": 1, "test_crops": 1,
+                 "single_frame": False, "no_flip": False}
+
+
+def check_clip_args(args: argparse.Namespace, video: bool) -> None:
+    """The clip flags (clip_parser): valid values for a video model, left alone for an image model."""
+    if not video:
+        changed = [f for f, default in CLIP_DEFAULTS.items() if getattr(args, f, default) != default]
+        if changed:
+            raise UserError(f"--{changed[0]} is for clips, but --model {args.model} takes images: use a video_vit_* "
+                            f"model, or drop --{changed[0]}")
+        return
     for flag in ("sampling_rate", "test_clips", "test_crops"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)} must be at least 1")
