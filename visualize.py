@@ -180,9 +180,9 @@ def video_figure(args: argparse.Namespace, student, teacher, stats, output: Path
     pred_loss = None
     if teacher is not None:
         pred_loss = teacher.predict_losses(clips)
-        mask, mask_label = student.hard_mask(pred_loss, args.alpha, generator), f"HPM mask (alpha {args.alpha:g})"
+        mask, mask_label = student.hard_mask(pred_loss, args.alpha, generator), f"HPM mask, α {args.alpha:g}"
     else:
-        mask, mask_label = student.random_mask(clips.shape[0], clips.device, generator), "random mask (VideoMAE)"
+        mask, mask_label = student.random_mask(clips.shape[0], clips.device, generator), "VideoMAE mask"
     rows, labels = [], []
     for c in range(clips.shape[0]):
         clip = clip_rows(student, clips[c:c + 1], mask[c:c + 1], None if pred_loss is None else pred_loss[c:c + 1],
@@ -190,7 +190,7 @@ def video_figure(args: argparse.Namespace, student, teacher, stats, output: Path
         names = ["input", mask_label] + (["reconstruction"] if student.target_dim is None else []) + \
                 (["predicted loss"] if pred_loss is not None else [])
         rows += clip
-        labels += [f"clip {c + 1}: {name}" for name in names]
+        labels += [f"clip {c + 1}"] + names[1:]   # short: a row is 2 inches high
     draw(rows, None, labels, output)
     log.info(f"wrote {output}: {clips.shape[0]} clips, {len(rows)} rows of {rows[0].shape[0]} frames")
     if args.gif:
