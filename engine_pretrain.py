@@ -110,7 +110,7 @@ def check_pretrain_args(args: argparse.Namespace) -> None:
     check_common(args)
     video = models_hpm.is_video_model(args.model)
     if args.mask_ratio is None:
-        args.mask_ratio = 0.9 if video else 0.75
+        args.mask_ratio = models_hpm.default_mask_ratio(args.model)
     if not video:
         changed = [f for f, default in (("num_frames", 16), ("tubelet_size", 2), ("sampling_rate", 4),
                                         ("hard_unit", "tube"), ("mask_type", "tube")) if getattr(args, f) != default]
@@ -152,8 +152,7 @@ def check_pretrain_args(args: argparse.Namespace) -> None:
 
 
 def build_student(args: argparse.Namespace, target_dim: int | None = None) -> MaskedAutoencoderHPM:
-    mask_ratio = args.mask_ratio if args.mask_ratio is not None else 0.9 if models_hpm.is_video_model(args.model) \
-        else 0.75
+    mask_ratio = args.mask_ratio if args.mask_ratio is not None else models_hpm.default_mask_ratio(args.model)
     kwargs = dict(mask_ratio=mask_ratio, norm_pix_loss=args.norm_pix_loss, learning_loss=args.learning_loss,
                   relative=args.relative, vis_mask_ratio=args.vis_mask_ratio, target_dim=target_dim,
                   grad_checkpointing=args.grad_checkpointing)

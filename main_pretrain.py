@@ -14,7 +14,7 @@ from engine_pretrain import (PretrainTask, build_student, build_target, check_pr
                              pretrain_args_parser)
 from util.args import check_output_dir
 from util.checkpoint import FORMAT_PRETRAIN, find_resume, load_file
-from util.data import SkipBadImages, build_dataset, eval_transform, pretrain_transform, train_loader, with_transform
+from util.data import build_dataset, eval_transform, pretrain_transform, train_loader, with_transform
 from util.distributed import cleanup
 from util.errors import UserError, run_cli
 from util.gpu_augment import JpegBytes, collate_bytes
@@ -22,7 +22,7 @@ from util.normalization import IMAGENET, Stats, dataset_stats, explicit_stats
 from util.optim import effective_lr
 from util.precision import make_scaler, resolve_amp
 from util.process import start_process
-from util.video import ClipTransform, build_clip_dataset
+from util.video import ClipTransform, build_clip_dataset, frames_to_tensor
 
 log = logging.getLogger("hpm")
 
@@ -33,7 +33,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def frames_as_image(frames) -> torch.Tensor:
     """(T, H, W, 3) uint8 frames -> (3, T * H, W) in [0, 1]: a clip's pixels as one image, for the statistics."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).flatten(1, 2).float() / 255.0
+    return frames_to_tensor(frames).flatten(1, 2)
 
 
 def pretraining_stats(args: argparse.Namespace, dataset, video: bool = False) -> Stats:
@@ -71,8 +71,7 @@ def main(args: argparse.Namespace) -> PretrainTask:
     args.input_size = student.patch_embed.img_size[0]
     if student.video:
         dataset = build_clip_dataset(args.data_path, "train", None, args.num_frames, args.sampling_rate,
-                                     labelled=False)
-        dataset = SkipBadImages(dataset) if args.bad_images == "skip" else dataset
+                                     labelled=False, bad_images=args.bad_images)
     else:
         dataset = build_dataset(args.data_path, "train", None, args.bad_images, labelled=False,
                                 image_column=args.image_column, label_column=args.label_column)

@@ -471,6 +471,11 @@ def is_video_model(name: str) -> bool:
     return name.startswith("videomae_")
 
 
+def default_mask_ratio(name: str) -> float:
+    """MAE's 0.75 for images, VideoMAE's 0.9 for clips."""
+    return 0.9 if is_video_model(name) else 0.75
+
+
 def create_pretrain_model(name: str, **kwargs) -> MaskedAutoencoderHPM:
     return PRETRAIN_MODELS.create(name, **kwargs)
 

@@ -79,9 +79,8 @@ def features(model: VisionTransformer, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def pooling_name(model: VisionTransformer) -> str:
-    if isinstance(model, VideoViT):
-        return "mean token, fc_norm" if model.global_pool and not isinstance(model.fc_norm, nn.Identity) \
-            else "mean of the normed tokens"
+    if isinstance(model, VideoViT):   # always mean pooling: fc_norm after it, or the pretrained norm before it
+        return "mean token, fc_norm" if not isinstance(model.fc_norm, nn.Identity) else "mean of the normed tokens"
     return "global pool" if model.global_pool == "avg" else "class token"
 
 

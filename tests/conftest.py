@@ -8,7 +8,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ModuleNotFoundError:   # one line instead of a collection traceback
+    pytest.exit("torch is not installed in this Python: run pip install -r requirements.txt -r requirements-dev.txt "
+                "first (README, Quick start)", returncode=4)
 
 torch.set_num_threads(1)
 REFERENCE_VECTORS = REPO / "tests" / "data" / "hpm_reference_vectors.pt"

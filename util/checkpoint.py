@@ -244,9 +244,10 @@ def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, teacher:
     own = model.state_dict()
     check_input_kind(state, own, path, what)
     uses_fc_norm = "fc_norm.weight" in own
+    video = own["patch_embed.proj.weight"].dim() == 5
     if allowed_missing is None:
         allowed_missing = ("head.weight", "head.bias") + (("fc_norm.weight", "fc_norm.bias") if uses_fc_norm else ())
-    if own["patch_embed.proj.weight"].dim() == 5:   # clips: the fixed table is the model's own
+    if video:   # clips: the fixed table is the model's own
         state.pop("pos_embed", None)
         allowed_missing = (*allowed_missing, "pos_embed")
     if uses_fc_norm:
@@ -274,7 +275,7 @@ def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, teacher:
         raise UserError(f"{what} {path} does not fit this model ({'; '.join(problems)}); check --model "
                         f"and --global_pool/--cls_token")
     model.load_state_dict(state, strict=False)
-    return [k for k in missing if k != "pos_embed" or own["patch_embed.proj.weight"].dim() != 5]
+    return [k for k in missing if not (video and k == "pos_embed")]
 
 
 def save_training_checkpoint(paths: list[Path], fmt: str, model_name: str, next_epoch: int, args,

@@ -167,9 +167,11 @@ class VideoListDataset(Dataset):
 
 
 def build_clip_dataset(data_path: str | None, split: str, transform: Callable | None, clip_frames: int = 16,
-                       sampling_rate: int = 4, labelled: bool = True, sampling: ClipSampling | None = None) -> Dataset:
+                       sampling_rate: int = 4, labelled: bool = True, sampling: ClipSampling | None = None,
+                       bad_images: str = "stop") -> Dataset:
     """The built-in moving digits (None; their 16 frames are taken whole), or DIR/<split>.csv
-    (VideoMAE's list files), sampled by `sampling` (default: VideoMAE's pretraining clip)."""
+    (VideoMAE's list files), sampled by `sampling` (default: VideoMAE's pretraining clip).
+    `bad_images` as build_dataset's: "skip" replaces an unreadable video (SkipBadImages)."""
     if data_path is None:
         return MovingDigitsClips(split, transform, clip_frames)
     root = Path(data_path)
@@ -178,7 +180,8 @@ def build_clip_dataset(data_path: str | None, split: str, transform: Callable | 
         raise UserError(f"--data_path {root}: no {split}.csv (VideoMAE's list file: one 'path label' per line, paths "
                         f"relative to {root})")
     sampling = sampling or ClipSampling("dense", clip_frames, sampling_rate, train=True)
-    return VideoListDataset(root, list_file, transform, sampling, labelled)
+    dataset = VideoListDataset(root, list_file, transform, sampling, labelled)
+    return SkipBadImages(dataset) if bad_images == "skip" else dataset
 
 
 SCALES = (1.0, 0.875, 0.75, 0.66)
@@ -200,17 +203,32 @@ def multiscale_crop_box(height: int, width: int, size: int) -> tuple[int, int, i
     return top, left, crop_h, crop_w
 
 
-class ClipTransform:
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) uint8 frames -> (3, T, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 255.0
+
+
+class ClipNormalisation:
+    """What the clip transforms share: the per-channel normalisation of (..., 3, T, H, W) clips."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.mean = torch.tensor(stats.mean).view(3, 1, 1, 1)
+        self.std = torch.tensor(stats.std).view(3, 1, 1, 1)
+
+    def normalise(self, clips: torch.Tensor) -> torch.Tensor:
+        return (clips - self.mean) / self.std
+
+
+class ClipTransform(ClipNormalisation):
     """(T, H, W, 3) uint8 frames -> (3, T, size, size) normalised: VideoMAE's multi-scale crop (the same
     box for every frame, no flip) for pretraining, else a centre crop of the short side; bilinear."""
 
     def __init__(self, size: int, stats: Stats = IMAGENET, train: bool = True) -> None:
+        super().__init__(stats)
         self.size, self.train = size, train
-        self.mean = torch.tensor(stats.mean).view(3, 1, 1, 1)
-        self.std = torch.tensor(stats.std).view(3, 1, 1, 1)
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
-        clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 255.0   # (3, T, H, W)
+        clip = frames_to_tensor(frames)
         height, width = clip.shape[-2:]
         if self.train:
             top, left, h, w = multiscale_crop_box(height, width, self.size)
@@ -220,7 +238,7 @@ class ClipTransform:
         clip = clip[:, :, top:top + h, left:left + w]
         if (h, w) != (self.size, self.size):
             clip = F.interpolate(clip, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return (clip - self.mean) / self.std
+        return self.normalise(clip)
 
 
 def same_draw_for_each(items: list, fn: Callable) -> list:
@@ -242,7 +260,7 @@ def repeat_middle_frame(clips: torch.Tensor) -> torch.Tensor:
     return clips[..., t // 2:t // 2 + 1, :, :].expand(clips.shape).contiguous()
 
 
-class FinetuneClipTransform:
+class FinetuneClipTransform(ClipNormalisation):
     """VideoMAE's fine-tuning augmentation, (T, H, W, 3) uint8 -> (3, T, size, size): RandAugment
     (`aa`) with the same operations and magnitudes on every frame, one random resized crop (area
     `crop_scale`, aspect 3/4 to 4/3, bilinear) and flip (`hflip`) for the whole clip, normalisation,
@@ -254,6 +272,7 @@ class FinetuneClipTransform:
         from timm.data.auto_augment import rand_augment_transform
         from timm.data.random_erasing import RandomErasing
         from torchvision.transforms import RandomResizedCrop
+        super().__init__(stats)
         self.size, self.crop_scale, self.hflip, self.single_frame = size, tuple(crop_scale), hflip, single_frame
         self.augment = None
         if aa:
@@ -262,41 +281,38 @@ class FinetuneClipTransform:
             posterize_safely(self.augment)
         self.box = RandomResizedCrop.get_params
         self.erase = RandomErasing(reprob, mode=remode, max_count=recount, num_splits=0, device="cpu") if reprob else None
-        self.mean = torch.tensor(stats.mean).view(3, 1, 1, 1)
-        self.std = torch.tensor(stats.std).view(3, 1, 1, 1)
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
         if self.augment is not None:
             from PIL import Image
             frames = np.stack([np.asarray(img) for img in
                                same_draw_for_each([Image.fromarray(f) for f in frames], self.augment)])
-        clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 255.0   # (3, T, H, W)
+        clip = frames_to_tensor(frames)
         top, left, h, w = self.box(clip[:, 0], self.crop_scale, (3 / 4, 4 / 3))
         clip = F.interpolate(clip[:, :, top:top + h, left:left + w], size=(self.size, self.size), mode="bilinear",
                              align_corners=False)
         if random.random() < self.hflip:
             clip = clip.flip(-1)
-        clip = (clip - self.mean) / self.std
+        clip = self.normalise(clip)
         if self.erase is not None:
             clip = self.erase(clip.transpose(0, 1).contiguous()).transpose(0, 1)   # (T, 3, H, W): per frame
         return repeat_middle_frame(clip) if self.single_frame else clip.contiguous()
 
 
-class ClipViews:
+class ClipViews(ClipNormalisation):
     """The test's views of a video, (views, T, H, W, 3) or (T, H, W, 3) uint8 -> (views x crops, 3, T,
     size, size): the short side resized to `size` (bilinear), then `crops` crops along the long side
     (1: the centre; 3: both ends and the centre), normalised. `single_frame` as FinetuneClipTransform."""
 
     def __init__(self, size: int, stats: Stats, crops: int = 1, single_frame: bool = False) -> None:
+        super().__init__(stats)
         self.size, self.crops, self.single_frame = size, crops, single_frame
-        self.mean = torch.tensor(stats.mean).view(3, 1, 1, 1)
-        self.std = torch.tensor(stats.std).view(3, 1, 1, 1)
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
         views = frames if frames.ndim == 5 else frames[None]
         out = []
         for view in views:
-            clip = torch.from_numpy(np.ascontiguousarray(view)).permute(3, 0, 1, 2).float() / 255.0
+            clip = frames_to_tensor(view)
             height, width = clip.shape[-2:]
             scale = self.size / min(height, width)
             new_h, new_w = max(self.size, round(height * scale)), max(self.size, round(width * scale))
@@ -308,7 +324,7 @@ class ClipViews:
                 top, left = (round(room_h * where), round(room_w * 0.5)) if room_h > room_w else \
                             (round(room_h * 0.5), round(room_w * where))
                 out.append(clip[:, :, top:top + self.size, left:left + self.size])
-        clips = (torch.stack(out) - self.mean) / self.std
+        clips = self.normalise(torch.stack(out))
         return repeat_middle_frame(clips) if self.single_frame else clips
 
 
@@ -330,8 +346,8 @@ def clip_dataset(args, split: str, transform: Callable, frames: int, train: bool
     sampling = ClipSampling(args.sampling, frames, args.sampling_rate, train=train, views=args.test_clips)
     if train and getattr(args, "num_sample", 1) > 1:
         transform = RepeatedAugment(transform, args.num_sample)
-    dataset = build_clip_dataset(args.data_path, split, transform, frames, labelled=True, sampling=sampling)
-    return SkipBadImages(dataset) if args.bad_images == "skip" else dataset
+    return build_clip_dataset(args.data_path, split, transform, frames, labelled=True, sampling=sampling,
+                              bad_images=args.bad_images)
 
 
 class RepeatedAugment:
