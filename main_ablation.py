@@ -62,7 +62,7 @@ BASELINES = ("mae", "videomae")   # the default baseline: the first of these tha
 PER_RUN_DESTS = ("output_dir", "seed", "resume", "auto_resume", "log_dir", "experiment", "start_epoch")
 # Where and how a run is executed rather than what it computes: may change between calls.
 RUNTIME_DESTS = ("output_dir", "device", "num_workers", "pin_mem", "dist_url", "dist_timeout", "print_freq",
-                 "save_retry", "max_skipped_steps", "bad_images", "grad_checkpointing")
+                 "save_retry", "max_skipped_steps", "bad_images", "video_decoder", "grad_checkpointing")
 STAGES_ENTRY = "--run-stages-of-one-run"   # internal: see execute()
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -237,7 +237,7 @@ def plan_run(args: argparse.Namespace, variant: str, seed: int, run_args: argpar
                             directory / "log.txt", final_epoch=run_args.epochs - 1))
     common = ["--model", eval_model, "--finetune", str(directory / "checkpoint-last.pth"), "--amp", "none",
               "--seed", str(args.eval_seed), "--device", run_args.device, "--num_workers", str(run_args.num_workers),
-              "--bad_images", run_args.bad_images]
+              "--bad_images", run_args.bad_images, "--video_decoder", run_args.video_decoder]
     if run_args.data_path:
         common += ["--data_path", run_args.data_path]
     if run_args.input_size:

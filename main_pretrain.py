@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> PretrainTask:
     args.input_size = student.patch_embed.img_size[0]
     if student.video:
         dataset = build_clip_dataset(args.data_path, "train", None, args.num_frames, args.sampling_rate,
-                                     labelled=False, bad_images=args.bad_images)
+                                     labelled=False, bad_images=args.bad_images, video_decoder=args.video_decoder)
     else:
         dataset = build_dataset(args.data_path, "train", None, args.bad_images, labelled=False,
                                 image_column=args.image_column, label_column=args.label_column)

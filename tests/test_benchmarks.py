@@ -174,3 +174,17 @@ def test_pretrain_benchmark_takes_the_video_presets(tmp_path):
     result = json.loads(out.read_text())
     assert all(result[k] > 0 for k in KEYS) and result["phase_s"]["teacher"] > 0
     assert result["paired_mae"]["flops_per_iter"] < result["flops_per_iter"]
+
+
+def test_video_decode_benchmark_times_each_decoder_on_the_same_clips(tmp_path):
+    from util.video import torchcodec_error
+    res = run_script("benchmarks/bench_video_decode.py", "--clips", "2", "--rounds", "1", "--seconds", "1",
+                     "--json", str(tmp_path / "decode.json"))
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "decode.json").read_text())
+    assert set(result["datasets"]) == {"k400_h264", "ssv2_vp9"}
+    for entry in result["datasets"].values():
+        decoders = {"pyav"} | ({"torchcodec"} if torchcodec_error() is None else set())
+        assert set(entry["ms_per_clip"]) == decoders and all(t > 0 for t in entry["ms_per_clip"].values())
+        if "torchcodec" in decoders:
+            assert entry["max_abs_frame_difference"] == 0 and entry["torchcodec_speedup"] > 0

@@ -290,7 +290,7 @@ def test_multi_view_testing_averages_every_view_of_each_video_once(video_data):
     torch.manual_seed(0)
     model = _jitter(models_vit.create_classifier(TINY, num_classes=2, num_frames=8)).eval()
     args = __import__("argparse").Namespace(sampling="dense", sampling_rate=4, test_clips=2, data_path=str(video_data),
-                                            bad_images="stop")
+                                            bad_images="stop", video_decoder="auto")
     dataset = clip_dataset(args, "val", ClipViews(32, IMAGENET, 3), 8, train=False)
     assert dataset[0][0].shape == (6, 3, 8, 32, 32)
     single = DistInfo(rank=0, world_size=1, local_rank=0)

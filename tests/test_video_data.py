@@ -1,6 +1,9 @@
-"""Clips from real video files the tests write with PyAV (short, odd-sized, grey, corrupt), VideoMAE's
-list files and sampling, the built-in moving digits, and video pretraining through main_pretrain."""
+"""Clips from real video files the tests write with PyAV (short, odd-sized, grey, corrupt, H.264, VP9),
+decoded by PyAV and by torchcodec (where the system's FFmpeg lets it load: .ci/run installs it),
+VideoMAE's list files and sampling, the built-in moving digits, and video pretraining through
+main_pretrain."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +15,11 @@ from util.data import SkipBadImages
 from util.errors import UserError
 from util.rng import seed_all
 from util.video import (BadVideoError, ClipTransform, MovingDigitsClips, build_clip_dataset, decode_frames,
-                        multiscale_crop_box, sample_indices)
+                        multiscale_crop_box, resolve_video_decoder, sample_indices, torchcodec_error)
+
+needs_torchcodec = pytest.mark.skipif(torchcodec_error() is not None,
+                                      reason=f"torchcodec does not load here ({torchcodec_error()})")
+DECODERS = ["pyav", pytest.param("torchcodec", marks=needs_torchcodec)]
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +30,8 @@ def videos(tmp_path_factory):
     (root / "clips").mkdir()
     for name, (frames, h, w, grey) in specs.items():
         write_video(root / "clips" / name, frames, h, w, grey)
+    for name, codec in (("h264.mp4", "libx264"), ("vp9.webm", "libvpx-vp9")):   # Kinetics' and SSv2's codecs
+        write_video(root / "clips" / name, 70, 48, 64, codec=codec)
     (root / "clips" / "broken.mp4").write_bytes(b"\x00\x01 not a video" * 50)
     names = [n for n in specs]
     (root / "train.csv").write_text("".join(f"clips/{n} {i % 2}\n" for i, n in enumerate(names)))
@@ -42,11 +51,12 @@ def test_sampling_takes_every_nth_frame_and_repeats_the_last_of_a_short_video():
     assert sample_indices(5, 4, 4) == [0, 4, 4, 4]
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("name, shape", [("long.mp4", (48, 64)), ("short.mp4", (40, 40)), ("odd.mp4", (33, 47)),
-                                         ("grey.mkv", (36, 36)), ("tall.mp4", (72, 40))])
-def test_any_video_decodes_to_the_sampled_rgb_frames(videos, name, shape):
+                                         ("grey.mkv", (36, 36)), ("tall.mp4", (72, 40)), ("vp9.webm", (48, 64))])
+def test_any_video_decodes_to_the_sampled_rgb_frames(videos, name, shape, decoder):
     seed_all(1)
-    frames = decode_frames(str(videos / "clips" / name), lambda total: sample_indices(total, 16, 4))
+    frames = decode_frames(str(videos / "clips" / name), lambda total: sample_indices(total, 16, 4), decoder)
     assert frames.shape == (16, *shape, 3) and frames.dtype == np.uint8
     if name == "grey.mkv":
         assert np.array_equal(frames[..., 0], frames[..., 2])
@@ -56,21 +66,63 @@ def test_any_video_decodes_to_the_sampled_rgb_frames(videos, name, shape):
     assert clip.shape == (3, 16, 32, 32) and torch.isfinite(clip).all()
 
 
-def test_the_decode_reads_frames_in_order_and_matches_a_full_decode(videos):
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("name", ["long.mp4", "h264.mp4", "vp9.webm"])
+def test_the_decode_matches_a_full_decode(videos, name, decoder):
+    """Any order and repeats; H.264's B-frames (decode order is not display order) and VP9 included."""
     import av
-    with av.open(str(videos / "clips" / "long.mp4")) as container:
+    with av.open(str(videos / "clips" / name)) as container:
         every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    seed_all(2)
-    idx = sample_indices(len(every), 8, 4)
-    seed_all(2)
-    assert np.array_equal(decode_frames(str(videos / "clips" / "long.mp4"), lambda total: sample_indices(total, 8, 4)),
-                          np.stack([every[i] for i in idx]))
+    picks = [sample_indices(len(every), 8, 4), [len(every) - 1, 3, 3, 0, 40, 39]]
+    for pick in picks:
+        assert np.array_equal(decode_frames(str(videos / "clips" / name), lambda total: pick, decoder),
+                              np.stack([every[i] for i in pick]))
 
 
-def test_a_corrupt_video_stops_naming_it_or_is_skipped(videos):
-    with pytest.raises(BadVideoError, match="broken.mp4: unreadable video"):
-        decode_frames(str(videos / "clips" / "broken.mp4"), lambda total: [0])
-    data = SkipBadImages(build_clip_dataset(str(videos / "with_broken"), "train", ClipTransform(32), labelled=False))
+@needs_torchcodec
+def test_both_decoders_see_the_same_frame_count_and_frames(videos):
+    """Equal frames, but for an odd frame size, where two FFmpeg builds' colour conversions differ slightly."""
+    for path in sorted((videos / "clips").glob("*.*")):
+        if path.name == "broken.mp4":
+            continue
+        totals = {}
+        for decoder in ("pyav", "torchcodec"):
+            frames = decode_frames(str(path), lambda total: totals.setdefault(decoder, [0, total - 1, total // 2]),
+                                   decoder)
+            totals[decoder + "_frames"] = frames
+        assert totals["pyav"] == totals["torchcodec"], path.name
+        a, b = totals["pyav_frames"].astype(int), totals["torchcodec_frames"].astype(int)
+        if path.name == "odd.mp4":
+            assert np.abs(a - b).mean() < 0.5, path.name
+        else:
+            assert np.array_equal(a, b), path.name
+
+
+def test_the_decoder_choice(monkeypatch):
+    assert resolve_video_decoder("pyav") == "pyav"
+    assert resolve_video_decoder("auto") == ("pyav" if torchcodec_error() else "torchcodec")
+    with pytest.raises(UserError, match="--video_decoder mp4: unknown"):
+        resolve_video_decoder("mp4")
+    for module in ("torchcodec", "torchcodec.decoders"):         # as where it is not installed
+        monkeypatch.setitem(sys.modules, module, None)
+    torchcodec_error.cache_clear()
+    try:
+        assert "Error: " in torchcodec_error() and resolve_video_decoder("auto") == "pyav"
+        with pytest.raises(UserError) as err:
+            resolve_video_decoder("torchcodec")
+        message = str(err.value)
+        assert "\n" not in message and "pip install torchcodec" in message and "--video_decoder pyav" in message
+    finally:
+        monkeypatch.undo()
+        torchcodec_error.cache_clear()
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_a_corrupt_video_stops_naming_it_or_is_skipped(videos, decoder):
+    with pytest.raises(BadVideoError, match="broken.mp4: unreadable video \\([A-Za-z]+Error: [^\n]+\\); remove"):
+        decode_frames(str(videos / "clips" / "broken.mp4"), lambda total: [0], decoder)
+    data = SkipBadImages(build_clip_dataset(str(videos / "with_broken"), "train", ClipTransform(32), labelled=False,
+                                            video_decoder=decoder))
     clip, _ = data[3]
     assert clip.shape == (3, 16, 32, 32) and data.skipped == 1
 
@@ -114,9 +166,11 @@ def _pretrain(argv):
 @pytest.mark.parametrize("flags", [[], ["--no-learning_loss"], ["--no-learning_loss", "--mask_type", "random"],
                                    ["--hard_unit", "token"], ["--no-relative"], ["--norm_pix_loss"],
                                    ["--target", "ema"], ["--num_frames", "8", "--sampling_rate", "2"],
-                                   ["--norm", "dataset", "--bad_images", "skip"]],
+                                   ["--norm", "dataset", "--bad_images", "skip"], ["--video_decoder", "pyav"],
+                                   pytest.param(["--video_decoder", "torchcodec", "--bad_images", "skip"],
+                                                marks=needs_torchcodec)],
                          ids=["hpm", "videomae", "videomae_random", "token", "absolute", "norm_pix", "ema", "frames",
-                              "norm_skip"])
+                              "norm_skip", "pyav", "torchcodec_skip"])
 def test_video_pretraining_on_list_files(videos, tmp_path, flags):
     data = videos / ("with_broken" if "--bad_images" in flags else "")
     out = tmp_path / "out"

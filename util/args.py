@@ -48,6 +48,10 @@ def data_parser() -> argparse.ArgumentParser:
                    help="hf:DIR: the column holding the labels (fine-tuning, probing, kNN)")
     g.add_argument("--bad_images", choices=["stop", "skip"], default="stop",
                    help="an unreadable image stops the run (naming the file), or is skipped with a warning")
+    g.add_argument("--video_decoder", choices=["auto", "pyav", "torchcodec"], default="auto",
+                   help="videos of a --data_path list file: torchcodec (needs the system's FFmpeg libraries) or "
+                        "PyAV (needs nothing more); auto: torchcodec where it loads, else PyAV (the same frames but for "
+                        "odd frame sizes, whose colour conversion can differ by a few levels)")
     g.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
                    help="per-channel mean to normalise with (with --std); default: the pretraining checkpoint's "
                         "statistics, else ImageNet's")

@@ -32,7 +32,9 @@ class TubeletEmbed(nn.Module):
         if clips.dim() != 5 or tuple(clips.shape[2:]) != (self.num_frames, *self.img_size):
             raise ValueError(f"expected clips (N, C, {self.num_frames}, {self.img_size[0]}, {self.img_size[1]}), "
                              f"got {tuple(clips.shape)}")
-        return self.proj(clips).flatten(2).transpose(1, 2)
+        # Contiguous once here: a transposed view would make every block's residual add strided and every
+        # LayerNorm copy it (the teacher's 1,568-token pass keeps this layout through all its blocks).
+        return self.proj(clips).flatten(2).transpose(1, 2).contiguous()
 
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -1,11 +1,14 @@
 """Clips for video masked modeling: the built-in moving digits, VideoMAE's list files decoded with
-PyAV (whose wheels carry FFmpeg, so `pip install -r requirements.txt` is all a machine needs), the
-frame sampling and VideoMAE's pretraining augmentation. A clip is (3, T, H, W), normalised.
+PyAV (whose wheels carry FFmpeg, so `pip install -r requirements.txt` is all a machine needs) or with
+torchcodec where the system's FFmpeg libraries let it load (--video_decoder), the frame sampling and
+VideoMAE's pretraining augmentation. A clip is (3, T, H, W), normalised.
 
 Randomness (the start frame, the crop) comes from the RNGs that util/data.py seeds per (seed,
 epoch, index), so clips are reproducible and a run resumes exactly, as with images.
 """
+import functools
 import random
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -103,14 +106,92 @@ class ClipSampling:
         return [[min(s + i * self.sampling_rate, total - 1) for i in range(t)] for s in starts]
 
 
-def decode_frames(path: str, pick: Callable[[int], list[int]]) -> np.ndarray:
+VIDEO_DECODERS = ("auto", "pyav", "torchcodec")
+
+
+@functools.cache
+def torchcodec_error() -> str | None:
+    """Why torchcodec cannot decode here (None: it can), checked once per process by decoding a tiny
+    video: its wheel installs anywhere, but it loads the system's FFmpeg libraries only when first
+    used, and a fresh machine lacks them."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+        VideoDecoder(_tiny_video(), seek_mode="exact").get_frame_at(0)
+    except Exception as exc:   # ImportError without the package; RuntimeError without FFmpeg
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+    return None
+
+
+def _tiny_video() -> bytes:
+    """Two 16 x 16 frames as an MPEG-4 file, written by PyAV."""
+    import io
+
+    import av
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width = stream.height = 16
+        stream.pix_fmt = "yuv420p"
+        for _ in range(2):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def _first_line(exc: Exception) -> str:
+    """An FFmpeg wrapper's message without its source location, on one line."""
+    lines = str(exc).strip().splitlines()
+    return re.sub(r"^.*\.(cpp|h):\d+, ", "", lines[0] if lines else "")[:160]
+
+
+def resolve_video_decoder(name: str) -> str:
+    """--video_decoder: "auto" is torchcodec where it loads (faster on VP9 webm, as fast on H.264: see
+    BENCHMARKS.md), else PyAV; asking for torchcodec where it cannot load stops in one line."""
+    if name not in VIDEO_DECODERS:
+        raise UserError(f"--video_decoder {name}: unknown; use one of {', '.join(VIDEO_DECODERS)}")
+    error = torchcodec_error() if name != "pyav" else None
+    if name == "torchcodec" and error:
+        raise UserError(f"--video_decoder torchcodec: it does not load here ({error}); install it and the system's "
+                        f"FFmpeg libraries (pip install torchcodec; apt-get install ffmpeg), or use --video_decoder pyav")
+    return "pyav" if name == "pyav" or error else "torchcodec"
+
+
+def _unreadable(path: str, why: str) -> BadVideoError:
+    return BadVideoError(f"{path}: unreadable video ({why}); remove or replace it, or pass --bad_images skip")
+
+
+def decode_frames(path: str, pick: Callable[[int], list[int]], decoder: str = "auto") -> np.ndarray:
     """The frames `pick(total frames)` names, (len, H, W, 3) uint8 RGB in the order named (repeats
-    allowed): decoded in order up to the last frame needed (nothing after it), any size, frame rate
-    or pixel format."""
+    allowed), any size, frame rate or pixel format; only the frames needed are decoded. `decoder`: a
+    --video_decoder choice; both give the same frames (but for odd frame sizes: the FFmpeg builds'
+    colour conversions can differ by a few levels there)."""
+    if resolve_video_decoder(decoder) == "torchcodec":
+        return _decode_torchcodec(path, pick)
+    return _decode_pyav(path, pick)
+
+
+def _decode_torchcodec(path: str, pick: Callable[[int], list[int]]) -> np.ndarray:
+    """torchcodec's exact seek mode (the frame count from a scan of the packets, not the header): it
+    seeks to the key frame before each run of wanted frames instead of decoding from the start."""
+    from torchcodec.decoders import VideoDecoder
+    try:
+        video = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", num_ffmpeg_threads=1)
+        total = video.metadata.num_frames or 0
+        frames = video.get_frames_at(pick(total)).data.numpy() if total > 0 else None
+    except (RuntimeError, ValueError, IndexError, OSError) as exc:
+        raise _unreadable(path, f"{type(exc).__name__}: {_first_line(exc)}") from None
+    if frames is None:
+        raise _unreadable(path, "no frames")
+    return frames
+
+
+def _decode_pyav(path: str, pick: Callable[[int], list[int]]) -> np.ndarray:
+    """Decoded in order up to the last frame needed (nothing after it), only the wanted ones converted."""
     import av
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1   # one thread per loader worker: the workers are the parallelism
             total = stream.frames or int(float(stream.duration * stream.time_base * stream.average_rate)
                                          if stream.duration and stream.average_rate else 0)
             if total <= 0:   # no frame count in the container: count them
@@ -124,10 +205,9 @@ def decode_frames(path: str, pick: Callable[[int], list[int]]) -> np.ndarray:
                 if number >= last_needed:
                     break
     except (av.error.FFmpegError, IndexError, ValueError, OSError) as exc:
-        raise BadVideoError(f"{path}: unreadable video ({type(exc).__name__}: {str(exc)[:120]}); remove or "
-                            f"replace it, or pass --bad_images skip") from None
+        raise _unreadable(path, f"{type(exc).__name__}: {str(exc)[:120]}") from None
     if not kept:
-        raise BadVideoError(f"{path}: unreadable video (no frames); remove or replace it, or pass --bad_images skip")
+        raise _unreadable(path, "no frames")
     last = kept[max(kept)]   # a frame count the container overstated: the last decoded frame repeats
     return np.stack([kept.get(i, last) for i in wanted])
 
@@ -138,7 +218,7 @@ class VideoListDataset(Dataset):
     (ClipSampling); a sample is (T, H, W, 3) frames, or (views, T, H, W, 3) for several views."""
 
     def __init__(self, root: Path, list_file: Path, transform: Callable | None, sampling: ClipSampling,
-                 labelled: bool) -> None:
+                 labelled: bool, video_decoder: str = "auto") -> None:
         self.samples = [(str(Path(rel) if Path(rel).is_absolute() else root / rel), label)
                         for _, rel, label in read_list_file(list_file, labelled)]
         missing = [p for p, _ in self.samples if not Path(p).is_file()]
@@ -148,6 +228,7 @@ class VideoListDataset(Dataset):
         self.targets = [label for _, label in self.samples]
         self.num_classes = max(self.targets, default=-1) + 1
         self.transform, self.sampling = transform, sampling
+        self.decoder = resolve_video_decoder(video_decoder)   # here, so a bad choice stops before any worker
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -160,7 +241,7 @@ class VideoListDataset(Dataset):
             views.extend(self.sampling(total))
             return [i for view in views for i in view]
 
-        frames = decode_frames(path, pick)
+        frames = decode_frames(path, pick, self.decoder)
         if len(views) > 1:
             frames = frames.reshape(len(views), -1, *frames.shape[1:])
         return (self.transform(frames) if self.transform else frames), label
@@ -168,10 +249,11 @@ class VideoListDataset(Dataset):
 
 def build_clip_dataset(data_path: str | None, split: str, transform: Callable | None, clip_frames: int = 16,
                        sampling_rate: int = 4, labelled: bool = True, sampling: ClipSampling | None = None,
-                       bad_images: str = "stop") -> Dataset:
+                       bad_images: str = "stop", video_decoder: str = "auto") -> Dataset:
     """The built-in moving digits (None; their 16 frames are taken whole), or DIR/<split>.csv
-    (VideoMAE's list files), sampled by `sampling` (default: VideoMAE's pretraining clip).
-    `bad_images` as build_dataset's: "skip" replaces an unreadable video (SkipBadImages)."""
+    (VideoMAE's list files), sampled by `sampling` (default: VideoMAE's pretraining clip) and decoded
+    by `video_decoder` (--video_decoder). `bad_images` as build_dataset's: "skip" replaces an
+    unreadable video (SkipBadImages)."""
     if data_path is None:
         return MovingDigitsClips(split, transform, clip_frames)
     root = Path(data_path)
@@ -180,7 +262,7 @@ def build_clip_dataset(data_path: str | None, split: str, transform: Callable | 
         raise UserError(f"--data_path {root}: no {split}.csv (VideoMAE's list file: one 'path label' per line, paths "
                         f"relative to {root})")
     sampling = sampling or ClipSampling("dense", clip_frames, sampling_rate, train=True)
-    dataset = VideoListDataset(root, list_file, transform, sampling, labelled)
+    dataset = VideoListDataset(root, list_file, transform, sampling, labelled, video_decoder)
     return SkipBadImages(dataset) if bad_images == "skip" else dataset
 
 
@@ -342,12 +424,13 @@ def probe_clip_transform(size: int, args, stats: Stats = IMAGENET) -> FinetuneCl
 
 def clip_dataset(args, split: str, transform: Callable, frames: int, train: bool):
     """A video classifier's `split`: the built-in moving digits or DIR/<split>.csv, sampled by
-    --sampling (training: one random clip; validation: --test_clips views), --bad_images honoured."""
+    --sampling (training: one random clip; validation: --test_clips views), --bad_images and
+    --video_decoder honoured."""
     sampling = ClipSampling(args.sampling, frames, args.sampling_rate, train=train, views=args.test_clips)
     if train and getattr(args, "num_sample", 1) > 1:
         transform = RepeatedAugment(transform, args.num_sample)
     return build_clip_dataset(args.data_path, split, transform, frames, labelled=True, sampling=sampling,
-                              bad_images=args.bad_images)
+                              bad_images=args.bad_images, video_decoder=args.video_decoder)
 
 
 class RepeatedAugment:
