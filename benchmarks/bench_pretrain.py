@@ -5,7 +5,8 @@ of each phase, FLOPs per iteration (torch's FLOP counter, given model-FLOP formu
 attention kernels), achieved FLOP/s, the device's measured dense matmul throughput in the same
 run, their ratio (MFU) and peak memory. With `--paired_mae` an MAE step of the same model runs next
 to every HPM step (ABBA order) and the HPM/MAE time ratio is taken pair by pair, so that the
-machine's drift cancels out of it.
+machine's drift cancels out of it. With `--profile` one more step is split by operator class
+(matrix products, attention, the rest): where the MFU is lost.
 
     python benchmarks/bench_pretrain.py --model mae_vit_base_patch16 --batch_size 8 --amp none --threads 2
 """
@@ -43,6 +44,9 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--probe_seconds", type=float, default=1.0, help="length of each matmul-peak probe")
     g.add_argument("--paired_mae", action="store_true",
                    help="also time an MAE step next to every HPM step and report the pairwise HPM/MAE time ratio")
+    g.add_argument("--profile", action="store_true",
+                   help="also profile one step: time and FLOP/s of the matrix products, the attention kernels and "
+                        "everything else (CPU)")
     p.set_defaults(model="mae_vit_base_patch16", batch_size=8, amp="none", lr=1e-4, epochs=2, clip_grad=5.0)
     return p.parse_args()
 
@@ -110,9 +114,48 @@ ATTENTION_FLOP_FORMULAS = {
 
 def count_flops(fn) -> int:
     """FLOPs of one call of `fn` (matrix products, convolutions and attention)."""
+    return sum(flops_by_op(fn).values())
+
+
+def flops_by_op(fn) -> dict[str, int]:
+    """FLOPs of one call of `fn` per operator ("aten.mm", ...)."""
     with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOP_FORMULAS) as counter:
         fn()
-    return counter.get_total_flops()
+    return {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+
+
+def operator_class(name: str) -> str:
+    """"attention" (the fused kernels), "matmul" (products and convolutions) or "other"."""
+    if "attention" in name:
+        return "attention"
+    return "matmul" if any(k in name for k in ("mm", "convolution", "linear")) else "other"
+
+
+def profile_step(fn, device: torch.device, probe) -> dict:
+    """Where one step's time goes: for each operator class its share of the operators' time (self time,
+    so nothing is counted twice), its FLOPs and its FLOP/s as a share of the matmul peak probed right
+    before and after the profiled step (`probe()`, their mean). Elementwise operators, normalisation,
+    the optimizer and the EMA are "other" and carry no FLOPs."""
+    from torch.profiler import ProfilerActivity, profile
+    flops: dict[str, int] = defaultdict(int)
+    for op, count in flops_by_op(fn).items():
+        flops[operator_class(op)] += count
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    before = probe()
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    peak = (before + probe()) / 2
+    seconds: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if event.key.startswith("aten::"):
+            seconds[operator_class(event.key.replace("::", "."))] += own / 1e6
+    total = sum(seconds.values())
+    return {"peak_flops_per_s": peak, **{
+        name: {"seconds": seconds[name], "time_share": seconds[name] / total, "flops": flops[name],
+               "of_peak": flops[name] / seconds[name] / peak if seconds[name] and flops[name] else 0.0}
+        for name in ("matmul", "attention", "other")}}
 
 
 def peak_memory(device: torch.device) -> int:
@@ -233,6 +276,9 @@ def main() -> None:
         "matmul_peak_flops_per_s": peak, "matmul_peak_dtype": str(peak_dtype),
         "matmul_peak_probes_flops_per_s": peaks,
     }
+    if args.profile:
+        result["profile"] = profile_step(lambda: step(imgs), device,
+                                         lambda: matmul_peak(device, peak_dtype, seconds=args.probe_seconds))
     if args.paired_mae:
         mae = timing("MAE")
         # In ABBA order the k-th HPM and the k-th MAE run are the k-th adjacent pair.

@@ -48,6 +48,16 @@ def test_pretrain_benchmark_pairs_hpm_with_mae(tmp_path):
     assert all(paired[k] > 0 for k in KEYS if k in paired)
 
 
+def test_pretrain_benchmark_profile_splits_the_step_by_operator_class(tmp_path):
+    result = _bench(tmp_path, "--profile", "--iters", "1", "--probe_seconds", "0.1")
+    profile = result["profile"]
+    assert profile.pop("peak_flops_per_s") > 0 and set(profile) == {"matmul", "attention", "other"}
+    assert sum(part["time_share"] for part in profile.values()) == pytest.approx(1.0)
+    assert profile["matmul"]["flops"] + profile["attention"]["flops"] == result["flops_per_iter"]
+    assert profile["other"]["flops"] == 0 and all(part["seconds"] > 0 for part in profile.values())
+    assert 0 < profile["matmul"]["of_peak"] and 0 < profile["attention"]["of_peak"]
+
+
 def test_pretrain_benchmark_refuses_pairing_mae_with_mae(tmp_path):
     res = run_script("benchmarks/bench_pretrain.py", "--model", "mae_vit_tiny_patch4", "--no-learning_loss",
                      "--paired_mae", "--iters", "1")
