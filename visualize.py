@@ -148,15 +148,12 @@ def load_clips(inputs: list[str] | None, limit: int, frames: int, sampling_rate:
                         for p in media_paths(inputs, limit, VIDEO_EXTENSIONS, "--videos")])
 
 
-def gif_frames(student, clips: torch.Tensor, mask: torch.Tensor, pred_loss: torch.Tensor | None,
-               stats) -> list[Image.Image]:
-    """One image per frame: each clip's input | mask | reconstruction | loss map side by side, the
-    clips one under another."""
-    rows = [clip_rows(student, clips[c:c + 1], mask[c:c + 1], None if pred_loss is None else pred_loss[c:c + 1],
-                      stats, every=1) for c in range(clips.shape[0])]
+def gif_frames(rows_per_clip: list[list[torch.Tensor]]) -> list[Image.Image]:
+    """One image per frame: each clip's rows (input | mask | reconstruction | loss map, every frame)
+    side by side, the clips one under another."""
     frames = []
-    for t in range(rows[0][0].shape[0]):
-        grid = torch.cat([torch.cat([row[t] for row in clip], dim=-1) for clip in rows], dim=-2)   # (3, H, W)
+    for t in range(rows_per_clip[0][0].shape[0]):
+        grid = torch.cat([torch.cat([row[t] for row in clip], dim=-1) for clip in rows_per_clip], dim=-2)   # (3, H, W)
         pixels = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         frames.append(Image.fromarray(pixels).resize((grid.shape[-1] * 4, grid.shape[-2] * 4), Image.NEAREST))
     return frames
@@ -183,18 +180,19 @@ def video_figure(args: argparse.Namespace, student, teacher, stats, output: Path
         mask, mask_label = student.hard_mask(pred_loss, args.alpha, generator), f"HPM mask, α {args.alpha:g}"
     else:
         mask, mask_label = student.random_mask(clips.shape[0], clips.device, generator), "VideoMAE mask"
+    # every frame once (the GIF's); the figure shows every --frame_step-th of them
+    per_clip = [clip_rows(student, clips[c:c + 1], mask[c:c + 1], None if pred_loss is None else pred_loss[c:c + 1],
+                          stats, every=1) for c in range(clips.shape[0])]
+    names = [mask_label] + (["reconstruction"] if student.target_dim is None else []) + \
+            (["predicted loss"] if pred_loss is not None else [])
     rows, labels = [], []
-    for c in range(clips.shape[0]):
-        clip = clip_rows(student, clips[c:c + 1], mask[c:c + 1], None if pred_loss is None else pred_loss[c:c + 1],
-                         stats, every=args.frame_step)
-        names = ["input", mask_label] + (["reconstruction"] if student.target_dim is None else []) + \
-                (["predicted loss"] if pred_loss is not None else [])
-        rows += clip
-        labels += [f"clip {c + 1}"] + names[1:]   # short: a row is 2 inches high
+    for c, clip in enumerate(per_clip):
+        rows += [row[::args.frame_step] for row in clip]
+        labels += [f"clip {c + 1}", *names]   # short: a row is 2 inches high
     draw(rows, None, labels, output)
     log.info(f"wrote {output}: {clips.shape[0]} clips, {len(rows)} rows of {rows[0].shape[0]} frames")
     if args.gif:
-        write_gif(gif_frames(student, clips, mask, pred_loss, stats), Path(args.gif))
+        write_gif(gif_frames(per_clip), Path(args.gif))
         log.info(f"wrote {args.gif}: {clips.shape[2]} frames")
     return output
 

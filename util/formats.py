@@ -70,6 +70,23 @@ _HF_BLOCK = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj
              "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
 
 
+def _to_hf_blocks(state: dict, key_bias: bool) -> dict:
+    """Our blocks.* -> transformers' encoder.layer.* (q, k, v split out of qkv); without `key_bias`
+    (VideoMAE's layout) the key's bias is left out."""
+    out = {}
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    for i in range(depth):
+        ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = state[f"{ours}attn.qkv.{kind}"].chunk(3, dim=0)
+            for name, part in (("query", q), ("key", k), ("value", v)):
+                if key_bias or kind == "weight" or name != "key":
+                    out[f"{theirs}attention.attention.{name}.{kind}"] = part
+            for src, dst in _HF_BLOCK.items():
+                out[f"{theirs}{dst}.{kind}"] = state[f"{ours}{src}.{kind}"]
+    return out
+
+
 def to_hf(state: dict) -> dict:
     """Our (MAE / timm) encoder keys -> Hugging Face ViTMAEModel's (q, k, v split out of qkv)."""
     out = {"embeddings.cls_token": state["cls_token"], "embeddings.position_embeddings": state["pos_embed"],
@@ -77,15 +94,7 @@ def to_hf(state: dict) -> dict:
            "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"]}
     norm = "fc_norm" if "fc_norm.weight" in state else "norm"
     out["layernorm.weight"], out["layernorm.bias"] = state[f"{norm}.weight"], state[f"{norm}.bias"]
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    for i in range(depth):
-        ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            q, k, v = state[f"{ours}attn.qkv.{kind}"].chunk(3, dim=0)
-            for name, part in (("query", q), ("key", k), ("value", v)):
-                out[f"{theirs}attention.attention.{name}.{kind}"] = part
-            for src, dst in _HF_BLOCK.items():
-                out[f"{theirs}{dst}.{kind}"] = state[f"{ours}{src}.{kind}"]
+    out.update(_to_hf_blocks(state, key_bias=True))
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -97,17 +106,7 @@ def to_hf_video(state: dict) -> dict:
            "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"]}
     if "fc_norm.weight" not in state:
         out["layernorm.weight"], out["layernorm.bias"] = state["norm.weight"], state["norm.bias"]
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    for i in range(depth):
-        ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
-        q, k, v = state[f"{ours}attn.qkv.weight"].chunk(3, dim=0)
-        q_bias, _, v_bias = state[f"{ours}attn.qkv.bias"].chunk(3, dim=0)
-        attn = f"{theirs}attention.attention."
-        out.update({f"{attn}query.weight": q, f"{attn}key.weight": k, f"{attn}value.weight": v,
-                    f"{attn}query.bias": q_bias, f"{attn}value.bias": v_bias})
-        for src, dst in _HF_BLOCK.items():
-            for kind in ("weight", "bias"):
-                out[f"{theirs}{dst}.{kind}"] = state[f"{ours}{src}.{kind}"]
+    out.update(_to_hf_blocks(state, key_bias=False))
     return {k: v.contiguous() for k, v in out.items()}
 
 
