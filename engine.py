@@ -79,6 +79,7 @@ class Run:
     fmt: str                        # checkpoint format
     args: Any
     writer: Any = None
+    settings: dict | None = None    # what makes this run this run (util.args.run_settings), saved for auto-resume
 
     def __post_init__(self) -> None:
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -100,7 +101,7 @@ class Run:
             save_training_checkpoint(paths, self.fmt, self.args.model, next_epoch, self.args,
                                      {**self.task.states(), "optimizer": self.optimizer, "scaler": self.scaler,
                                       "best_score": best, "next_step": next_step, "rng": rng,
-                                      "normalization": stats})
+                                      "normalization": stats, "settings": self.settings})
         except OSError as exc:
             needed = max((p.stat().st_size for p in self.output_dir.glob("checkpoint-*.pth")), default=0)
             free = shutil.disk_usage(self.output_dir).free

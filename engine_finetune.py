@@ -11,14 +11,15 @@ from torch.utils.tensorboard import SummaryWriter
 
 from engine import Run, Timer, fit, no_timer
 from models_vit import build_classifier, is_video_classifier
-from util.args import check_clip_args, check_common, check_output_dir, resolve_augmentation
-from util.checkpoint import find_resume
+from util.args import (DataDefault, check_augmentation, check_clip_args, check_common, check_output_dir,
+                       default_workers, describe_run, resolve_data_defaults, run_settings)
+from util.checkpoint import find_resume, finished_run
 from util.data import build_dataset, eval_loader, eval_transform, train_loader
 from util.distributed import is_distributed
 from util.errors import UserError
 from util.normalization import downstream_stats
 from util.optim import effective_lr
-from util.precision import autocast, make_scaler, resolve_amp
+from util.precision import autocast, make_scaler, precision_name, resolve_amp
 from util.process import start_process
 from util.video import ClipViews, clip_dataset, stacked_views_collate
 
@@ -134,15 +135,21 @@ class ClassifierSetup:
     """What fine-tuning and linear probing wire up alike: process, data, loaders, precision,
     learning rate, output directory, tensorboard and the loop's `Run`."""
 
-    def __init__(self, args, train_transform: Callable | None, clip_train_transform: Callable | None = None) -> None:
-        """`train_transform(size, args, stats)` augments training images (None: evaluation only),
+    def __init__(self, args, fmt: str, data_defaults: dict[str, DataDefault], train_transform: Callable | None,
+                 clip_train_transform: Callable | None = None) -> None:
+        """`fmt`: the script's checkpoint format; `data_defaults`: the script's defaults that depend on the data (util.args.DataDefault);
+        `train_transform(size, args, stats)` augments training images (None: evaluation only),
         `clip_train_transform` the clips of a video classifier."""
-        self.args = args
+        self.args, self.fmt, self.finished = args, fmt, False
         self.dist, self.device = start_process(args.device, args.dist_url, args.dist_timeout)
-        check_common(args)
         self.video = is_video_classifier(args.model)
         check_clip_args(args, self.video)
-        resolve_augmentation(args)
+        self.filled = resolve_data_defaults(args, data_defaults, self.video)
+        check_common(args)
+        check_augmentation(args)
+        self.settings = run_settings(args, self.dist.world_size)
+        if args.num_workers is None:
+            args.num_workers = default_workers(self.device.type)
         probe = build_classifier(args, 1)
         args.input_size = probe.patch_embed.img_size[0]
         weights = args.finetune or (args.resume if args.eval else None)
@@ -170,27 +177,36 @@ class ClassifierSetup:
         self.pin = args.pin_mem and self.device.type == "cuda"
         self.val_loader = eval_loader(self.val_set, self.dist, args.batch_size, args.num_workers, self.pin)
         self.amp_dtype = resolve_amp(args.amp, self.device)
+        self.lr_given = args.lr is not None
         args.lr = effective_lr(args, self.dist.world_size)
         self.output_dir = Path(args.output_dir)
 
     def prepare_output(self) -> Path | None:
-        """The training loader and the output directory; returns the checkpoint to resume from, if any."""
+        """The training loader and the output directory; returns the checkpoint to resume from, if any.
+        Sets `finished` when the run in the output directory has already finished (nothing to do)."""
         args = self.args
         collate = stacked_views_collate if getattr(args, "num_sample", 1) > 1 else None
         self.loader = train_loader(self.train_set, self.dist, args.batch_size, args.num_workers, self.pin, args.seed,
                                    collate)
         if self.dist.is_main:
             self.output_dir = check_output_dir(args.output_dir)
-        return find_resume(args.resume, args.auto_resume, self.output_dir)
+        path = find_resume(args.resume, args.auto_resume, self.output_dir, self.fmt, self.settings)
+        if finished_run(path, self.fmt, args.model, args.epochs):
+            log.info(f"{path} has finished all {args.epochs} epochs of this run: nothing to do (raise --epochs to "
+                     f"train longer, or pass another --output_dir for a new run)")
+            self.finished = True
+        return path
 
-    def fit(self, task: ClassifierTask, optimizer: torch.optim.Optimizer, fmt: str, resume_path: Path | None,
+    def fit(self, task: ClassifierTask, optimizer: torch.optim.Optimizer, resume_path: Path | None,
             what: str) -> None:
         """Resume if asked, then train to args.epochs with the shared loop; `what` heads the start line."""
         writer = SummaryWriter(log_dir=self.args.log_dir or str(self.output_dir)) if self.dist.is_main else None
         run = Run(task, self.loader, optimizer, make_scaler(self.device, self.amp_dtype), self.device, self.dist,
-                  self.output_dir, fmt, self.args, writer)
+                  self.output_dir, self.fmt, self.args, writer, self.settings)
         start, best = run.resume(resume_path)
-        log.info(f"{what}, {self.describe()}, lr {self.args.lr:.3g}")
+        log.info(f"{what}, {self.describe()}")
+        log.info(describe_run(self.args, self.dist.world_size, precision_name(self.amp_dtype), self.filled,
+                              self.lr_given))
         fit(run, start, best)
 
     def describe(self) -> str:

@@ -18,7 +18,8 @@ from timm.optim import param_groups_weight_decay
 import models_hpm
 from engine import Timer, no_timer
 from models_hpm import HPMTeacher, MaskedAutoencoderHPM
-from util.args import check_common, data_parser, make_parser, model_parser, runtime_parser, training_parser
+from util.args import (DataDefault, check_common, data_parser, make_parser, model_parser, resolve_data_defaults,
+                       runtime_parser, training_parser, with_data_defaults)
 from util.errors import UserError
 from util.faults import fault_point
 from util.checkpoint import file_sha256
@@ -43,7 +44,8 @@ def hpm_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm", choices=["imagenet", "dataset"], default="imagenet",
                    help="normalise with ImageNet's mean/std (the reference) or the training set's own, "
                         "computed at the start (--mean/--std give explicit values)")
-    g.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixel targets")
+    g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=False,
+                   help="per-patch normalised pixel targets")
     g.add_argument("--learning_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="HPM: loss predictor + EMA teacher choosing hard patches; off = MAE baseline")
     g.add_argument("--relative", action=argparse.BooleanOptionalAction, default=True,
@@ -99,16 +101,28 @@ def pretrain_parents() -> list[argparse.ArgumentParser]:
             training_parser(), runtime_parser(), hpm_parser()]
 
 
+# The built-in data's values finish a run in minutes on a CPU; on a --data_path the paper's recipe (its
+# shortest row, 200 epochs) for images and VideoMAE's (800 epochs, normalised targets, no clipping) for clips.
+PRETRAIN_DEFAULTS = {
+    "blr": DataDefault(1.5e-3, 1.5e-4),
+    "epochs": DataDefault(40, 200, clips=800),
+    "warmup_epochs": DataDefault(5, 40),
+    "clip_grad": DataDefault(5.0, 5.0, clips=0.0),
+    "norm_pix_loss": DataDefault(False, False, clips=True),
+}
+
+
 def pretrain_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """main_pretrain.py's parser (also what main_ablation.py passes through to every run)."""
-    return make_parser("HPM pretraining", pretrain_parents(), add_help, blr=1.5e-3, epochs=40, warmup_epochs=5,
-                       clip_grad=5.0)
+    return with_data_defaults(make_parser("HPM pretraining", pretrain_parents(), add_help), PRETRAIN_DEFAULTS)
 
 
-def check_pretrain_args(args: argparse.Namespace) -> None:
-    """What main_pretrain checks before touching anything: each failure is one line naming the flag."""
-    check_common(args)
+def check_pretrain_args(args: argparse.Namespace) -> list[str]:
+    """What main_pretrain checks before touching anything: each failure is one line naming the flag.
+    Fills in the data-dependent defaults first and returns them as flags (for the start line)."""
     video = models_hpm.is_video_model(args.model)
+    filled = resolve_data_defaults(args, PRETRAIN_DEFAULTS, video)
+    check_common(args)
     if args.mask_ratio is None:
         args.mask_ratio = models_hpm.default_mask_ratio(args.model)
     if not video:
@@ -149,6 +163,7 @@ def check_pretrain_args(args: argparse.Namespace) -> None:
     if args.mask_regular and args.mask_ratio != 0.75:
         raise UserError(f"--mask_regular keeps one patch of each 2x2 cell, so it needs --mask_ratio 0.75 "
                         f"(got {args.mask_ratio})")
+    return filled
 
 
 def build_student(args: argparse.Namespace, target_dim: int | None = None) -> MaskedAutoencoderHPM:

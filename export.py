@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="mae: {'model': encoder} file; timm: safetensors + config.json folder; hf: ViTMAEModel "
                         "(video: VideoMAEModel) folder; videomae: VideoMAE's {'model': encoder} fine-tuning file "
                         "(video encoders)")
-    p.add_argument("--output", required=True, help="the file (mae) or folder (timm, hf) to write")
+    p.add_argument("--output", required=True, help="the file (mae, videomae) or folder (timm, hf) to write")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
                    help="normalisation for config.json (default: the checkpoint's statistics, else ImageNet's)")

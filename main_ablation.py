@@ -236,8 +236,10 @@ def plan_run(args: argparse.Namespace, variant: str, seed: int, run_args: argpar
     run.stages.append(Stage("pretrain", "main_pretrain.py", pretrain_argv,
                             directory / "log.txt", final_epoch=run_args.epochs - 1))
     common = ["--model", eval_model, "--finetune", str(directory / "checkpoint-last.pth"), "--amp", "none",
-              "--seed", str(args.eval_seed), "--device", run_args.device, "--num_workers", str(run_args.num_workers),
+              "--seed", str(args.eval_seed), "--device", run_args.device,
               "--bad_images", run_args.bad_images, "--video_decoder", run_args.video_decoder]
+    if run_args.num_workers is not None:
+        common += ["--num_workers", str(run_args.num_workers)]
     if run_args.data_path:
         common += ["--data_path", run_args.data_path]
     if run_args.input_size:

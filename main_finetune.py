@@ -16,8 +16,9 @@ from timm.utils import ModelEmaV3
 import models_vit
 from engine_finetune import ClassifierSetup, ClassifierTask, describe_eval, evaluate
 from models_vit import build_classifier
-from util.args import (augmentation_parser, clip_parser, data_parser, make_parser, model_parser, pooling_parser,
-                       runtime_parser, training_parser, weights_parser)
+from util.args import (AUGMENTATION_DEFAULTS, DataDefault, augmentation_parser, clip_parser, data_parser, make_parser,
+                       model_parser, pooling_parser, runtime_parser, training_parser, weights_parser,
+                       with_data_defaults)
 from util.checkpoint import FORMAT_FINETUNE, load_pretrained
 from util.data import finetune_transform
 from util.distributed import cleanup
@@ -28,28 +29,41 @@ from util.video import finetune_clip_transform
 log = logging.getLogger("hpm")
 
 
+# The built-in data's values finish in minutes on a CPU; on a --data_path the reference's ImageNet recipe
+# (ViT-B: 100 epochs; FINETUNE.md) for images and VideoMAE's Kinetics-400 recipe (800-epoch row) for clips.
+FINETUNE_DEFAULTS = {
+    "blr": DataDefault(2e-3, 5e-4, clips=1e-3),
+    "epochs": DataDefault(30, 100),
+    "warmup_epochs": DataDefault(2, 5),
+    "layer_decay": DataDefault(0.75, 0.8, clips=0.75),
+    "mixup": DataDefault(0.0, 0.8),
+    "cutmix": DataDefault(0.0, 1.0),
+    # on the built-in clips none: rotating or shifting a 12 px digit changes or hides its motion
+    "aa": DataDefault("rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5-inc1", clips="rand-m7-n4-mstd0.5-inc1",
+                      built_in_clips=""),
+    **AUGMENTATION_DEFAULTS,
+}
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parents = [model_parser(models_vit.CLASSIFIERS.names(), "vit_tiny_patch4"), weights_parser(),
                pooling_parser(global_pool=True), data_parser(), augmentation_parser(), clip_parser(training=True),
                training_parser(), runtime_parser()]
-    p = make_parser("ViT fine-tuning", parents, add_help, blr=2e-3, epochs=30, warmup_epochs=2, min_lr=1e-6,
-                    save_every=10)
+    p = make_parser("ViT fine-tuning", parents, add_help, min_lr=1e-6, save_every=10)
     g = p.add_argument_group("fine-tuning recipe")
     g.add_argument("--nb_classes", type=int, default=None, help="number of classes (default: the dataset's)")
     g.add_argument("--eval", action="store_true", help="only evaluate (weights from --resume or --finetune)")
-    g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay")
+    g.add_argument("--layer_decay", type=float, default=None, help="layer-wise lr decay")
     g.add_argument("--drop_path", type=float, default=0.1, help="drop path rate")
     g.add_argument("--color_jitter", type=float, default=None, help="color jitter (off when RandAugment is on)")
     g.add_argument("--aa", type=str, default=None,
-                   help="RandAugment policy ('' for none; default: rand-m9-mstd0.5-inc1, MAE's, for images; "
-                        "rand-m7-n4-mstd0.5-inc1, VideoMAE's, for clips on a --data_path, the same draw on every "
-                        "frame; none on the built-in clips)")
+                   help="RandAugment policy ('' for none; clips: the same draw on every frame)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--remode", type=str, default="pixel", help="random erasing mode")
     g.add_argument("--recount", type=int, default=1, help="random erasing count")
-    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (> 0 enables)")
-    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (> 0 enables)")
+    g.add_argument("--mixup", type=float, default=None, help="mixup alpha (> 0 enables)")
+    g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (> 0 enables)")
     g.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
                    help="cutmix min/max box ratio (overrides --cutmix)")
     g.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
@@ -61,7 +75,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "the step's batch is batch_size x num_sample)")
     g.add_argument("--model_ema", action="store_true", help="keep and evaluate an EMA of the fine-tuned weights")
     g.add_argument("--model_ema_decay", type=float, default=0.9999, help="decay of --model_ema")
-    return p
+    return with_data_defaults(p, FINETUNE_DEFAULTS)
 
 
 def make_criterion(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, Mixup | None]:
@@ -83,9 +97,8 @@ def main(args: argparse.Namespace) -> None:
     if args.num_sample < 1 or (args.num_sample > 1 and not video):
         raise UserError(f"--num_sample {args.num_sample}: repeated augmentation is for clips (video_vit_* models), "
                         f"at least 1")
-    if args.aa is None:   # on the built-in clips none: rotating or shifting a 12 px digit changes or hides its motion
-        args.aa = ("" if args.data_path is None else "rand-m7-n4-mstd0.5-inc1") if video else "rand-m9-mstd0.5-inc1"
-    setup = ClassifierSetup(args, None if args.eval else finetune_transform, finetune_clip_transform)
+    setup = ClassifierSetup(args, FORMAT_FINETUNE, FINETUNE_DEFAULTS, None if args.eval else finetune_transform,
+                            finetune_clip_transform)
     model = build_classifier(args, setup.num_classes, drop_path_rate=args.drop_path).to(setup.device)
 
     if args.eval:
@@ -98,6 +111,9 @@ def main(args: argparse.Namespace) -> None:
         return
 
     resume_path = setup.prepare_output()
+    if setup.finished:
+        cleanup()
+        return
     if args.finetune and resume_path is None:
         missing = load_pretrained(model, args.finetune, teacher=args.teacher)
         log.info(f"loaded pretrained weights from {args.finetune}; newly initialised: {', '.join(missing)}")
@@ -111,7 +127,7 @@ def main(args: argparse.Namespace) -> None:
     criterion, mixup_fn = make_criterion(args, setup.num_classes)
     task = ClassifierTask(model, model, criterion, setup.val_loader, setup.device, setup.amp_dtype,
                           setup.dist.world_size, mixup_fn, model_ema)
-    setup.fit(task, optimizer, FORMAT_FINETUNE, resume_path,
+    setup.fit(task, optimizer, resume_path,
               f"fine-tuning {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
     cleanup()
 

@@ -10,8 +10,8 @@ import torch
 
 import models_vit
 from models_vit import build_classifier, features, is_video_classifier
-from util.args import (check_clip_args, check_output_dir, clip_parser, data_parser, make_parser, model_parser,
-                       pooling_parser, runtime_parser, weights_parser)
+from util.args import (check_clip_args, check_output_dir, clip_parser, data_parser, default_workers, describe_run,
+                       make_parser, model_parser, pooling_parser, runtime_parser, weights_parser)
 from util.checkpoint import load_file, load_pretrained
 from util.data import build_dataset, eval_loader, eval_transform
 from util.distributed import DistInfo, cleanup, gather_in_order
@@ -19,7 +19,7 @@ from util.errors import UserError, run_cli
 from util.knn import knn_classify
 from util.logger import append_json_log
 from util.normalization import downstream_stats
-from util.precision import autocast, resolve_amp
+from util.precision import autocast, precision_name, resolve_amp
 from util.process import start_process
 from util.video import ClipViews, clip_dataset
 
@@ -59,6 +59,8 @@ def main(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or min(args.nb_knn) < 1:
         raise UserError("--batch_size and every --nb_knn value must be at least 1")
     check_clip_args(args, is_video_classifier(args.model))
+    if args.num_workers is None:
+        args.num_workers = default_workers(device.type)
     output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)
     if args.load_features:
         stored = {name: load_file(Path(args.load_features) / f"{name}.pth", "--load_features")["tensor"]
@@ -74,6 +76,7 @@ def main(args: argparse.Namespace) -> None:
         model = model.to(device).eval()
         size = model.patch_embed.img_size[0]
         amp_dtype = resolve_amp(args.amp, device)
+        log.info(describe_run(args, dist_info.world_size, precision_name(amp_dtype), []))
         stats = downstream_stats(args.finetune, args.mean, args.std)
         args.mean, args.std = list(stats.mean), list(stats.std)
         if is_video_classifier(model):   # every video's test views, features averaged over them

@@ -12,15 +12,15 @@ from torch.utils.tensorboard import SummaryWriter
 from engine import Run, fit
 from engine_pretrain import (PretrainTask, build_student, build_target, check_pretrain_args, make_optimizer,
                              pretrain_args_parser)
-from util.args import check_output_dir
-from util.checkpoint import FORMAT_PRETRAIN, find_resume, load_file
+from util.args import check_output_dir, default_workers, describe_run, run_settings
+from util.checkpoint import FORMAT_PRETRAIN, find_resume, finished_run, load_file
 from util.data import build_dataset, eval_transform, pretrain_transform, train_loader, with_transform
 from util.distributed import cleanup
 from util.errors import UserError, run_cli
 from util.gpu_augment import JpegBytes, collate_bytes
 from util.normalization import IMAGENET, Stats, dataset_stats, explicit_stats
 from util.optim import effective_lr
-from util.precision import make_scaler, resolve_amp
+from util.precision import make_scaler, precision_name, resolve_amp
 from util.process import start_process
 from util.video import ClipTransform, build_clip_dataset, frames_to_tensor
 
@@ -55,11 +55,15 @@ def pretraining_stats(args: argparse.Namespace, dataset, video: bool = False) ->
     return stats
 
 
-def main(args: argparse.Namespace) -> PretrainTask:
-    """Pretrain; returns the task (its `student` and `teacher`) for programmatic use."""
+def main(args: argparse.Namespace) -> PretrainTask | None:
+    """Pretrain; returns the task (its `student` and `teacher`) for programmatic use, or None when the
+    run in --output_dir had already finished."""
     dist_info, device = start_process(args.device, args.dist_url, args.dist_timeout)
     args.world_size = dist_info.world_size
-    check_pretrain_args(args)
+    filled = check_pretrain_args(args)
+    settings = run_settings(args, dist_info.world_size)
+    if args.num_workers is None:
+        args.num_workers = default_workers(device.type)
     if args.experiment:
         args.output_dir = str(Path(args.output_dir) / args.experiment)
         args.log_dir = str(Path(args.log_dir) / args.experiment) if args.log_dir else None
@@ -83,6 +87,7 @@ def main(args: argparse.Namespace) -> PretrainTask:
     loader = train_loader(JpegBytes(dataset) if args.gpu_decode else dataset, dist_info, args.batch_size,
                           args.num_workers, args.pin_mem and device.type == "cuda" and not args.gpu_decode,
                           args.seed, collate_bytes if args.gpu_decode else None)
+    lr_given = args.lr is not None
     args.lr = effective_lr(args, dist_info.world_size)
     amp_dtype = resolve_amp(args.amp, device)
     preview = None
@@ -94,7 +99,12 @@ def main(args: argparse.Namespace) -> PretrainTask:
                         steps_per_epoch=len(loader) // args.accum_iter)
 
     output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)
-    resume_path = find_resume(args.resume, args.auto_resume, output_dir)
+    resume_path = find_resume(args.resume, args.auto_resume, output_dir, FORMAT_PRETRAIN, settings)
+    if finished_run(resume_path, FORMAT_PRETRAIN, args.model, args.epochs):
+        log.info(f"{resume_path} has finished all {args.epochs} epochs of this run: nothing to do (raise --epochs "
+                 f"to train longer, or pass another --output_dir for a new run)")
+        cleanup()
+        return None
     saved = load_file(resume_path, "--resume", mmap=True) if resume_path is not None else {}
     if saved.get("format") == FORMAT_PRETRAIN:
         saved = saved.get("args") or {}
@@ -106,12 +116,11 @@ def main(args: argparse.Namespace) -> PretrainTask:
         log_dir = check_output_dir(args.log_dir, "--log_dir") if args.log_dir else output_dir
         writer = SummaryWriter(log_dir=str(log_dir))
     run = Run(task, loader, make_optimizer(student, args, device), make_scaler(device, amp_dtype), device,
-              dist_info, output_dir, FORMAT_PRETRAIN, args, writer)
+              dist_info, output_dir, FORMAT_PRETRAIN, args, writer, settings)
     start, _ = run.resume(resume_path)
     log.info(f"{task.name} pretraining of {args.model} ({task.num_parameters / 1e6:.2f} M parameters) on "
-             f"{len(dataset)} {'clips' if student.video else 'images'}, {dist_info.world_size} process(es) on {device}, "
-             f"lr {args.lr:.3g}, "
-             f"effective batch {args.batch_size * args.accum_iter * dist_info.world_size}, amp {amp_dtype}")
+             f"{len(dataset)} {'clips' if student.video else 'images'} on {device}")
+    log.info(describe_run(args, dist_info.world_size, precision_name(amp_dtype), filled, lr_given))
     fit(run, start)
     cleanup()
     return task

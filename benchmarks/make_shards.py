@@ -16,10 +16,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from util.data import build_dataset  # noqa: E402
+from util.errors import optional_import, run_cli  # noqa: E402
 
 
 def write_split(data_path: str, split: str, output: Path, per_shard: int, seed: int, labelled: bool) -> int:
-    import webdataset
+    webdataset = optional_import("webdataset", "webdataset", "benchmarks/make_shards.py")
     dataset = build_dataset(data_path, split, None, labelled=labelled)
     samples = list(dataset.samples)
     random.Random(seed).shuffle(samples)
@@ -52,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

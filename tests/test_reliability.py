@@ -146,7 +146,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
               "--print_freq", "1", "--warmup_epochs", "0", "--clip_grad", "0"]
     assert run_script("main_pretrain.py", *common, "--epochs", "1").returncode == 0
     before = (out / "checkpoint-last.pth").read_bytes()
-    res = run_script("main_pretrain.py", *common, "--epochs", "3", "--lr", "1e30")
+    res = run_script("main_pretrain.py", *common, "--epochs", "3", "--lr", "1e30", "--resume",
+                     str(out / "checkpoint-last.pth"))   # on purpose: another learning rate is another run
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "non-finite" in err[0] and "epoch 1, step" in err[0], err

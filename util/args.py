@@ -1,8 +1,11 @@
 """Argument parsers shared by every script: each script builds its parser from these parents and
 adds its own group on top, so a flag is declared once for the whole project."""
 import argparse
+import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from util.errors import UserError
 from util.precision import AMP_CHOICES
@@ -18,11 +21,106 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+_AS_IMAGES = object()
+
+
+@dataclass(frozen=True)
+class DataDefault:
+    """A flag's default that depends on the data it meets: the built-in data (a demo sized to finish
+    in minutes on a CPU) or a --data_path (the paper's recipe for images, VideoMAE's for clips).
+    `clips` / `built_in_clips`: where clips differ from images (default: as images)."""
+    built_in: Any
+    data_path: Any
+    clips: Any = _AS_IMAGES
+    built_in_clips: Any = _AS_IMAGES
+
+    def value(self, built_in: bool, video: bool) -> Any:
+        images = self.built_in if built_in else self.data_path
+        if not video:
+            return images
+        clips = self.built_in_clips if built_in else self.clips
+        return images if clips is _AS_IMAGES else clips
+
+    def describe(self) -> str:
+        text = f"{show(self.built_in)} on the built-in data, {show(self.data_path)} on a --data_path"
+        if self.clips is not _AS_IMAGES:
+            text += f" ({show(self.clips)} for clips)"
+        if self.built_in_clips is not _AS_IMAGES:
+            text += f"; {show(self.built_in_clips)} on the built-in clips"
+        return text
+
+
+def show(value: Any) -> str:
+    """A flag's value as one would type it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(show(v) for v in value)
+    if value == "":
+        return "''"
+    if value is None:
+        return "unset"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def make_parser(description: str, parents: list[argparse.ArgumentParser], add_help: bool = True,
                 **defaults) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, add_help=add_help, parents=parents, formatter_class=HelpFormatter)
     p.set_defaults(**defaults)
     return p
+
+
+def with_data_defaults(p: argparse.ArgumentParser, table: dict[str, DataDefault]) -> argparse.ArgumentParser:
+    """Each flag of `table` gets None as its parsed default (filled in by `resolve_data_defaults`)
+    and both of its values in --help."""
+    for dest, default in table.items():
+        action = next(a for a in p._actions if a.dest == dest)
+        action.default = None
+        action.help = f"{(action.help or '').split(' (default')[0]} (default: {default.describe()})"
+    return p
+
+
+def resolve_data_defaults(args: argparse.Namespace, table: dict[str, DataDefault], video: bool) -> list[str]:
+    """Fill every flag of `table` that was not passed with its value for the data at hand (the
+    built-in data, or a --data_path of images or clips); returns them as flags, for the start line."""
+    built_in = args.data_path is None
+    filled = []
+    for dest, default in table.items():
+        if getattr(args, dest) is None:
+            value = default.value(built_in, video)
+            setattr(args, dest, list(value) if isinstance(value, tuple) else value)
+            filled.append(f"--{dest} {show(value)}")
+    return filled
+
+
+def default_workers(device_type: str) -> int:
+    """Loader workers per process when --num_workers is not given: 2 on CPU (the training competes
+    for the same cores); on GPUs the CPUs this process may use, shared with the other processes of
+    its node (torchrun's LOCAL_WORLD_SIZE) where the affinity is the node's, one kept for the
+    training process itself, at most 10 (MAE's and VideoMAE's value)."""
+    if device_type == "cpu":
+        return 2
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cpus >= (os.cpu_count() or cpus):   # the node's CPUs, not a per-task share (SLURM --cpus-per-task)
+        cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(10, cpus - 1))
+
+
+def describe_run(args: argparse.Namespace, world_size: int, precision: str, filled: list[str],
+                 lr_given: bool | None = None) -> str:
+    """The start line: how the batch is made up, the learning rate and schedule (training scripts:
+    `lr_given` says whether --lr was passed), precision, loader workers, and which values came from
+    the data-dependent defaults."""
+    batch = f"{world_size} process(es) x {args.batch_size} per process"
+    if lr_given is not None:
+        effective = world_size * args.batch_size * args.accum_iter
+        batch += f" x {args.accum_iter} accumulation = effective batch {effective}"
+        lr = (f"lr {args.lr:.3g} (--lr)" if lr_given
+              else f"lr {args.lr:.3g} = blr {args.blr:g} x {effective} / 256")
+        batch += f"; {lr}; epochs {args.epochs}, warm-up {args.warmup_epochs:g}"
+    where = "the built-in data" if args.data_path is None else "a --data_path"
+    defaults = f"defaults for {where}: {' '.join(filled)}" if filled else "no data-dependent defaults"
+    return f"run: {batch}; precision {precision}; {args.num_workers} loader worker(s) per process; {defaults}"
 
 
 def model_parser(model_names: list[str], default: str) -> argparse.ArgumentParser:
@@ -53,42 +151,40 @@ def data_parser() -> argparse.ArgumentParser:
                         "PyAV (needs nothing more); auto: torchcodec where it loads, else PyAV (the same frames but for "
                         "odd frame sizes, whose colour conversion can differ by a few levels)")
     g.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
-                   help="per-channel mean to normalise with (with --std); default: the pretraining checkpoint's "
-                        "statistics, else ImageNet's")
+                   help="per-channel mean to normalise with (with --std); default: pretraining, ImageNet's (or the "
+                        "training set's with --norm dataset); the other scripts, the statistics the --finetune "
+                        "checkpoint was pretrained with, else ImageNet's")
     g.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
                    help="per-channel std to normalise with (with --mean)")
     g.add_argument("--batch_size", type=int, default=64, help="images per process per step")
-    g.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes per process")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="data-loading worker processes per process (default: 2 on CPU; on GPUs the CPUs each "
+                        "process may use, one kept for itself, at most 10)")
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
                    help="pin loader memory for faster host-to-GPU copies (GPU only)")
     return p
 
 
-BUILT_IN_CROP_SCALE, CROP_SCALE = (0.5, 1.0), (0.08, 1.0)
+AUGMENTATION_DEFAULTS = {
+    # 32 px digits lose their class in a crop of 8 % of their area, and a mirrored 2, 3 or 7 is no longer that digit
+    "crop_scale": DataDefault((0.5, 1.0), (0.08, 1.0)),
+    "hflip": DataDefault(0.0, 0.5),
+}
 
 
 def augmentation_parser() -> argparse.ArgumentParser:
-    """The training crop and flip of fine-tuning and linear probing. Their defaults depend on the
-    data: MAE's protocol on a --data_path, milder on the built-in digits (32 px digits lose their
-    class in a crop of 8 % of their area, and a mirrored 2, 3 or 7 is no longer that digit)."""
+    """The training crop and flip of fine-tuning and linear probing: MAE's protocol on a --data_path,
+    milder on the built-in digits (AUGMENTATION_DEFAULTS)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("augmentation")
     g.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help=f"area range of the random resized crop (default: {CROP_SCALE[0]} {CROP_SCALE[1]}, MAE's; "
-                        f"{BUILT_IN_CROP_SCALE[0]} {BUILT_IN_CROP_SCALE[1]} on the built-in digits)")
+                   help="area range of the random resized crop")
     g.add_argument("--hflip", type=float, default=None,
-                   help="probability of a horizontal flip (default: 0.5; 0 on the built-in digits, whose "
-                        "labels a mirror changes; 0 for any labels that tell left from right)")
+                   help="probability of a horizontal flip (0 for labels that tell left from right)")
     return p
 
 
-def resolve_augmentation(args: argparse.Namespace) -> None:
-    """Fill in --crop_scale and --hflip from the data when they were not given (see augmentation_parser)."""
-    built_in = args.data_path is None
-    if args.crop_scale is None:
-        args.crop_scale = list(BUILT_IN_CROP_SCALE if built_in else CROP_SCALE)
-    if args.hflip is None:
-        args.hflip = 0.0 if built_in else 0.5
+def check_augmentation(args: argparse.Namespace) -> None:
     low, high = args.crop_scale
     if not 0.0 < low <= high <= 1.0:
         raise UserError(f"--crop_scale {low:g} {high:g} must satisfy 0 < MIN <= MAX <= 1, e.g. 0.08 1")
@@ -172,10 +268,12 @@ def pooling_parser(global_pool: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("pooling")
     g.add_argument("--global_pool", action="store_true", default=global_pool,
-                   help="average the patch tokens, then fc_norm" + (" (default)" if global_pool else ""))
-    g.add_argument("--cls_token", action="store_false", dest="global_pool",
+                   help="average the patch tokens, then fc_norm" + (" (default)" if global_pool else
+                                                                    " (default: --cls_token)"))
+    g.add_argument("--cls_token", action="store_false", dest="global_pool", default=global_pool,
                    help="the class token after the pretrained norm (video_vit_* models, which have none: the "
-                        "average of the tokens after the pretrained norm)" + ("" if global_pool else " (default)"))
+                        "average of the tokens after the pretrained norm)" + (" (default: --global_pool)"
+                                                                              if global_pool else " (default)"))
     return p
 
 
@@ -192,7 +290,8 @@ def training_parser() -> argparse.ArgumentParser:
     g.add_argument("--blr", type=float, default=1e-3, help="base learning rate for an effective batch of 256")
     g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule")
     g.add_argument("--warmup_epochs", type=float, default=5, help="linear learning-rate warm-up, in epochs")
-    g.add_argument("--clip_grad", type=float, default=None, help="clip gradients to this total norm (unset: no clipping)")
+    g.add_argument("--clip_grad", type=float, default=None,
+                   help="clip gradients to this total norm; 0: no clipping (default: no clipping)")
     g.add_argument("--max_skipped_steps", type=int, default=100,
                    help="fp16: stop with an error after this many optimizer steps in a row that the gradient "
                         "scaler skipped for non-finite gradients")
@@ -216,10 +315,51 @@ def check_common(args: argparse.Namespace) -> None:
     for flag in ("batch_size", "epochs", "accum_iter", "save_every", "print_freq", "max_skipped_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)} must be at least 1")
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         raise UserError(f"--num_workers {args.num_workers} must be 0 or more")
     if args.warmup_epochs < 0:
         raise UserError(f"--warmup_epochs {args.warmup_epochs} must be 0 or more")
+
+
+# Flags a restart may change without making it another run: how the work is spread and logged, not
+# what is computed. The effective batch stands for --batch_size, --accum_iter and the process count,
+# so that a run may continue on fewer GPUs with more accumulation.
+RESTART_SAFE = frozenset({
+    "epochs", "num_workers", "print_freq", "save_every", "save_retry", "pin_mem", "device", "dist_url",
+    "dist_timeout", "output_dir", "log_dir", "experiment", "resume", "auto_resume", "start_epoch",
+    "max_skipped_steps", "video_decoder", "bad_images", "compile", "grad_checkpointing", "batch_size",
+    "accum_iter", "eval", "world_size"})
+
+
+def run_settings(args: argparse.Namespace, world_size: int) -> dict:
+    """What makes a run this run (saved in its checkpoints; auto-resume continues only an equal one):
+    every setting but those of RESTART_SAFE, plus the effective batch."""
+    settings = {k: plain(v) for k, v in vars(args).items() if k not in RESTART_SAFE}
+    settings["effective_batch"] = args.batch_size * args.accum_iter * world_size
+    return settings
+
+
+def plain(value: Any) -> Any:
+    """A setting as it reads back from a checkpoint: paths as strings, tuples as lists."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def first_difference(saved: dict, legacy: bool, settings: dict) -> tuple[str, Any, Any] | None:
+    """The first setting (in flag order) whose saved value differs from this run's, as (name, saved,
+    now), or None. `legacy`: `saved` is a checkpoint's args from before settings were saved, rewritten
+    after parsing, so only the values this run has already resolved are compared."""
+    for key, value in settings.items():
+        if key in saved and not (legacy and value is None) and plain(saved[key]) != value:
+            return key, saved[key], value
+    return None
+
+
+def setting_name(key: str) -> str:
+    return "the effective batch" if key == "effective_batch" else f"--{key}"
 
 
 def check_output_dir(path: str, flag: str = "--output_dir") -> Path:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from util.args import first_difference, setting_name, show
 from util.errors import UserError
 from util.faults import fault_point
 
@@ -23,6 +24,7 @@ os.umask(_UMASK)
 FORMAT_PRETRAIN = "hpm-pretrain"
 FORMAT_FINETUNE = "hpm-finetune"
 FORMAT_LINPROBE = "hpm-linprobe"
+SCRIPTS = {FORMAT_PRETRAIN: "main_pretrain.py", FORMAT_FINETUNE: "main_finetune.py", FORMAT_LINPROBE: "main_linprobe.py"}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -322,39 +324,91 @@ def _numbered(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.stem.split("-", 1)[1]), reverse=True)
 
 
-def find_resume(resume: str | None, auto_resume: bool, output_dir: Path) -> Path | None:
+def saved_settings(ckpt: dict) -> tuple[dict, bool]:
+    """A checkpoint's run settings, and whether they are a legacy `args` (see first_difference)."""
+    if isinstance(ckpt.get("settings"), dict):
+        return ckpt["settings"], False
+    return ckpt.get("args") or {}, True
+
+
+def check_same_run(path: Path, fmt: str, settings: dict, output_dir: Path) -> None:
+    """Auto-resume continues a checkpoint of the same script and settings only: anything else is
+    another run, refused in one line before any file is touched."""
+    ckpt = load_file(path, "--output_dir", mmap=True)
+    if ckpt.get("format") != fmt:
+        theirs = SCRIPTS.get(ckpt.get("format"), "another program")
+        raise UserError(f"--output_dir {output_dir} holds a run of {theirs} ({path.name}), not of {SCRIPTS[fmt]}: "
+                        f"pass another --output_dir for this run")
+    difference = first_difference(*saved_settings(ckpt), settings)
+    if difference is not None:
+        key, then, now = difference
+        raise UserError(f"--output_dir {output_dir} holds another run ({path.name}: {setting_name(key)} {show(then)} "
+                        f"there, {show(now)} now): pass another --output_dir for a new run, or --resume {path} to "
+                        f"continue that one on purpose with these settings")
+
+
+def find_resume(resume: str | None, auto_resume: bool, output_dir: Path, fmt: str | None = None,
+                settings: dict | None = None) -> Path | None:
     """--resume if given (a damaged file is an error); else, when auto-resuming, the newest intact
     checkpoint of output_dir: checkpoint-last.pth, or (with a warning naming both files) the newest
     numbered one that passes its checksum. Existing checkpoints that are all damaged are an error,
-    never a silent start from scratch.
+    never a silent start from scratch. With `fmt` and `settings`, auto-resume only continues a
+    checkpoint of the same script and settings (check_same_run).
 
     Also removes the temporary files of saves that a killed run left behind (they are never
     read: a checkpoint only appears under its name once it is complete).
     """
     output_dir = Path(output_dir)
-    for stale in output_dir.glob(".checkpoint-*.tmp"):
-        stale.unlink(missing_ok=True)
     if resume:
         path = Path(resume)
         problem = checkpoint_problem(path) if path.is_file() else None
         if problem is not None:
             raise UserError(f"--resume {path}: {problem}; use an intact copy or another checkpoint")
+        if settings is not None and path.is_file():
+            ckpt = load_file(path, "--resume", mmap=True)
+            difference = first_difference(*saved_settings(ckpt), settings) if ckpt.get("format") == fmt else None
+            if difference is not None:
+                key, then, now = difference
+                log.warning(f"--resume {path}: continuing on purpose with other settings than the run that wrote "
+                            f"it ({setting_name(key)} {show(then)} there, {show(now)} now)")
+        _remove_stale(output_dir)
         return path
     if not auto_resume:
+        _remove_stale(output_dir)
         return None
     candidates = [p for p in [output_dir / "checkpoint-last.pth", *_numbered(output_dir)] if p.is_file()]
     first_problem = None
     for path in candidates:
         problem = checkpoint_problem(path)
         if problem is None:
+            if fmt is not None and settings is not None:
+                check_same_run(path, fmt, settings, output_dir)
             if first_problem is not None:
                 log.warning(f"{candidates[0]} is damaged ({first_problem}); resuming from {path} instead")
+            _remove_stale(output_dir)
             return path
         first_problem = first_problem or problem
     if candidates:
         raise UserError(f"--output_dir {output_dir}: every checkpoint there is damaged ({candidates[0].name}: "
                         f"{first_problem}); restore one from a copy, or pass --no-auto_resume to start afresh")
+    _remove_stale(output_dir)
     return None
+
+
+def _remove_stale(output_dir: Path) -> None:
+    for stale in output_dir.glob(".checkpoint-*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def finished_run(path: Path | None, fmt: str, model_name: str, epochs: int) -> bool:
+    """Whether `path` is a checkpoint of format `fmt` and model `model_name` that already holds every
+    one of `epochs` epochs (and no partial one). Another kind of file is left to the resume's own
+    one-line error."""
+    if path is None:
+        return False
+    ckpt = load_file(path, "--resume", mmap=True)
+    return (ckpt.get("format") == fmt and ckpt.get("model_name") == model_name
+            and int(ckpt.get("next_epoch", 0)) >= epochs and not ckpt.get("next_step"))
 
 
 @dataclass

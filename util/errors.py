@@ -24,3 +24,12 @@ def run_cli(main: Callable[[], None]) -> None:
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+
+
+def optional_import(module: str, pip_name: str, what: str):
+    """Import an optional package, or stop with one line naming it and the command that installs it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{what} needs the {pip_name} package, which is not installed: pip install {pip_name}") from None

@@ -34,3 +34,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
     """A gradient scaler that is enabled for fp16 only (bf16 and fp32 need none)."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How the start line names the autocast dtype."""
+    return {torch.float16: "fp16 (with a gradient scaler)", torch.bfloat16: "bf16", None: "fp32"}[dtype]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from util.data import BadImageError, SkipBadImages, posterize_safely, read_list_file
-from util.errors import UserError
+from util.errors import UserError, optional_import
 from util.normalization import IMAGENET, Stats
 
 DIRECTIONS = 8   # the built-in clips move one of 8 ways (the label): a single frame cannot tell which
@@ -126,7 +126,7 @@ def _tiny_video() -> bytes:
     """Two 16 x 16 frames as an MPEG-4 file, written by PyAV."""
     import io
 
-    import av
+    av = optional_import("av", "av", "decoding videos with PyAV")
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4") as container:
         stream = container.add_stream("mpeg4", rate=25)
@@ -187,7 +187,7 @@ def _decode_torchcodec(path: str, pick: Callable[[int], list[int]]) -> np.ndarra
 
 def _decode_pyav(path: str, pick: Callable[[int], list[int]]) -> np.ndarray:
     """Decoded in order up to the last frame needed (nothing after it), only the wanted ones converted."""
-    import av
+    av = optional_import("av", "av", "decoding videos with PyAV")
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
