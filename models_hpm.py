@@ -259,9 +259,13 @@ class MaskedAutoencoderHPM(nn.Module):
         return self.decoder_pred(self.decoder_norm(x[:, start:]))
 
     def forward_loss_predictor(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Loss predictor: (N, prefix + L, D') -> (N, prefix + L - start) predicted losses from `start` on."""
-        x = self._run(self.decoder_blocks_losspred, x)
-        return self.decoder_pred_losspred(self.decoder_norm_losspred(x[:, start:])).mean(dim=-1)
+        """Loss predictor: (N, prefix + L, D') -> (N, prefix + L - start) predicted losses from `start` on,
+        float32 under any autocast: its last layer and the mean run in float32, since the teacher ranks
+        these values (bf16's 8 significand bits would tie patches at the cut, and a tie is broken by
+        position) and the student's objective compares them."""
+        x = self.decoder_norm_losspred(self._run(self.decoder_blocks_losspred, x)[:, start:])
+        with torch.autocast(x.device.type, enabled=False):
+            return self.decoder_pred_losspred(x.float()).mean(dim=-1)
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> HPMOutput:
         """imgs (N, 3, H, W); mask (N, L) bool, True = masked, exactly `num_masked` per row."""

@@ -4,6 +4,7 @@ style of the reference implementation (NumPy delete + shuffle for each image).
     python benchmarks/bench_masking.py --batch_size 256 --num_patches 196
 """
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -57,6 +58,7 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=0.25)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", type=str, default="cpu")
+    p.add_argument("--json", type=str, default=None, help="also write the figures to this file")
     args = p.parse_args()
     m = num_masked_patches(args.num_patches, 0.75)
     device = torch.device(args.device)
@@ -67,6 +69,11 @@ def main() -> None:
     print(f"batch {args.batch_size}, L {args.num_patches}, M {m}, alpha {args.alpha}, {torch.get_num_threads()} "
           f"threads on {args.device}: vectorised {vectorised * 1e3:.2f} ms, per-image loop {loop * 1e3:.2f} ms "
           f"({loop / vectorised:.0f}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "batch_size": args.batch_size, "num_patches": args.num_patches, "num_masked": m, "alpha": args.alpha,
+            "threads": torch.get_num_threads(), "device": args.device, "vectorised_ms": vectorised * 1e3,
+            "per_image_loop_ms": loop * 1e3, "speedup": loop / vectorised}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

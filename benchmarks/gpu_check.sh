@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU acceptance run, in parts that each end well inside 8 minutes on one H200:
+# The GPU acceptance run, in parts that each take about 5 minutes on one H100 or H200:
 #
 #   bash benchmarks/gpu_check.sh bench     # ViT-B/16 HPM and MAE (paired, bf16, eager, batch 128), ViT-L/16
 #                                          # HPM (batch 64), fp16 with the gradient scaler, masking, and video
@@ -12,15 +12,16 @@
 #   bash benchmarks/gpu_check.sh all       # every part in turn (for machines without a per-command limit)
 #
 # Each step's row is printed as soon as it ends. Bulky outputs (data, checkpoints, images) stay in
-# $HPM_GPU_WORK (default /tmp/hpm_gpu_check); what comes back goes to $OUT (the device tool's folder,
-# default benchmarks/results/gpu_check): gpu_check_<part>.json and .md (the summary) and
-# gpu_check_<part>_logs.tar.gz (every step's log and JSON), three files per call.
-# Packages the GPU machine lacks travel as wheels in .whl/ (benchmarks/gpu_wheels.sh prepares them);
+# $HPM_GPU_WORK (default /tmp/hpm_gpu_check); the results go to $OUT (default
+# benchmarks/results/gpu_check): gpu_check_<part>.json and .md (the summary) and
+# gpu_check_<part>_logs.tar.gz (every step's log and JSON), three files per part.
+# Packages a GPU node without internet lacks can travel as wheels in .whl/ (benchmarks/gpu_wheels.sh);
 # when .whl/ exists they are installed first, into $HPM_GPU_WORK/site (not in the tiny CPU mode).
 # HPM_GPU_CHECK_TINY=1 runs the same steps with tiny models and data on the CPU (the test suite
 # does, so that the script cannot rot between GPU runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PY="${PY:-python}"   # every interpreter call goes through this one (PY=/path/to/venv/bin/python to choose)
 part="${1:-}"
 case "$part" in
     bench|compile|e2e|loader|all) ;;
@@ -32,14 +33,14 @@ rm -rf "$work"
 mkdir -p "$out" "$work"
 if [ "${HPM_GPU_CHECK_TINY:-0}" != 1 ] && ls .whl/*.whl > /dev/null 2>&1; then   # the GPU machine's missing packages
     site="${HPM_GPU_WORK:-/tmp/hpm_gpu_check}/site"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
         .whl/*.whl || exit 1
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
 status="$work/status.tsv"
 printf "step\texit\texpected\tseconds\n" > "$status"
-summary=(python benchmarks/gpu_check_summary.py)
+summary=("$PY" benchmarks/gpu_check_summary.py)
 
 step() {   # step NAME EXPECTED_EXIT COMMAND...: run, log to $work/NAME.log, record and print its row
     local name=$1 expected=$2 started rc
@@ -69,74 +70,74 @@ else
     decode=(--batch_size 128 --num_workers 16 --epochs 3)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$work/gpu.txt" 2>&1
 fi
-python -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)" >> "$work/gpu.txt"
+"$PY" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'cuDNN', torch.backends.cudnn.version(), 'torchvision', torchvision.__version__, 'timm', timm.__version__)" >> "$work/gpu.txt"
 echo "gpu_check $part: $(tail -n 1 "$work/gpu.txt")"
 "${summary[@]}" header
 
 bench_part() {
-    step "bench_vit_b_bs${batches[0]}_eager" 0 python benchmarks/bench_pretrain.py --model "$base" \
+    step "bench_vit_b_bs${batches[0]}_eager" 0 "$PY" benchmarks/bench_pretrain.py --model "$base" \
         --batch_size "${batches[0]}" --amp "$amp" --device "$device" --paired_mae "${bench[@]}" \
         --json "$work/bench_vit_b_bs${batches[0]}_eager.json"
-    step "bench_vit_l_bs${large_batch}" 0 python benchmarks/bench_pretrain.py --model "$large" \
+    step "bench_vit_l_bs${large_batch}" 0 "$PY" benchmarks/bench_pretrain.py --model "$large" \
         --batch_size "$large_batch" --amp "$amp" --device "$device" "${bench[@]}" --json "$work/bench_vit_l_bs${large_batch}.json"
-    step bench_vit_b_fp16 0 python benchmarks/bench_pretrain.py --model "$base" --batch_size "${batches[0]}" \
+    step bench_vit_b_fp16 0 "$PY" benchmarks/bench_pretrain.py --model "$base" --batch_size "${batches[0]}" \
         --amp "$([ $amp = none ] && echo none || echo fp16)" --device "$device" "${bench[@]}" --json "$work/bench_vit_b_fp16.json"
-    step bench_masking 0 python benchmarks/bench_masking.py --device "$device" --batch_size "${batches[1]}"
-    step "bench_video_b_bs${video_batch}" 0 python benchmarks/bench_pretrain.py --model "$video" \
+    step bench_masking 0 "$PY" benchmarks/bench_masking.py --device "$device" --batch_size "${batches[1]}"
+    step "bench_video_b_bs${video_batch}" 0 "$PY" benchmarks/bench_pretrain.py --model "$video" \
         --batch_size "$video_batch" --amp "$amp" --device "$device" --paired_mae "${bench[@]}" \
         --json "$work/bench_video_b_bs${video_batch}.json"
-    step "bench_video_b_bs${video_batch}_ckpt" 0 python benchmarks/bench_pretrain.py --model "$video" \
+    step "bench_video_b_bs${video_batch}_ckpt" 0 "$PY" benchmarks/bench_pretrain.py --model "$video" \
         --batch_size "$video_batch" --amp "$amp" --device "$device" --grad_checkpointing "${bench[@]}" \
         --json "$work/bench_video_b_bs${video_batch}_ckpt.json"
-    step "bench_vit_l_bs${large_batch}_ckpt" 0 python benchmarks/bench_pretrain.py --model "$large" \
+    step "bench_vit_l_bs${large_batch}_ckpt" 0 "$PY" benchmarks/bench_pretrain.py --model "$large" \
         --batch_size "$large_batch" --amp "$amp" --device "$device" --grad_checkpointing "${bench[@]}" \
         --json "$work/bench_vit_l_bs${large_batch}_ckpt.json"
 }
 
 compile_part() {
-    step "bench_vit_b_bs${batches[1]}_compile" 0 python benchmarks/bench_pretrain.py --model "$base" \
+    step "bench_vit_b_bs${batches[1]}_compile" 0 "$PY" benchmarks/bench_pretrain.py --model "$base" \
         --batch_size "${batches[1]}" --amp "$amp" --device "$device" --paired_mae "${compile[@]}" "${bench[@]}" \
         --json "$work/bench_vit_b_bs${batches[1]}_compile.json"
 }
 
 make_data() {
     data="$work/jpegs"
-    [ -d "$data" ] || step make_jpegs 0 python benchmarks/make_jpeg_folder.py --root "$data" "${images[@]}"
+    [ -d "$data" ] || step make_jpegs 0 "$PY" benchmarks/make_jpeg_folder.py --root "$data" "${images[@]}"
 }
 
 e2e_part() {
     make_data
-    pretrain=(python -m torch.distributed.run --standalone --nproc_per_node=1 main_pretrain.py --model "$small"
+    pretrain=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1 main_pretrain.py --model "$small"
               --data_path "$data" --epochs 2 --warmup_epochs 1 --amp "$amp" --device "$device" "${e2e[@]}"
               --print_freq 5 --output_dir "$work/pretrain")
     # SIGTERM at a named step: the worker saves and exits 75, which torchrun reports as a failure (1)
     step pretrain_stopped 1 env HPM_FAULT="point=step,at=$stop_at,action=SIGTERM" "${pretrain[@]}"
-    step pretrain_stop_saved 0 python -c "from util.checkpoint import load_file
+    step pretrain_stop_saved 0 "$PY" -c "from util.checkpoint import load_file
 c = load_file('$work/pretrain/checkpoint-last.pth'); assert (c['next_epoch'], c['next_step']) == (0, $stop_at), c['next_step']"
     step pretrain_resumed 0 "${pretrain[@]}"
     weights="$work/pretrain/checkpoint-last.pth"
-    step finetune 0 python main_finetune.py --model "$classifier" --finetune "$weights" --data_path "$data" \
+    step finetune 0 "$PY" main_finetune.py --model "$classifier" --finetune "$weights" --data_path "$data" \
         --epochs 1 --warmup_epochs 0 --amp "$amp" --device "$device" "${e2e[@]}" --output_dir "$work/finetune"
-    step linprobe 0 python main_linprobe.py --model "$classifier" --finetune "$weights" --data_path "$data" \
+    step linprobe 0 "$PY" main_linprobe.py --model "$classifier" --finetune "$weights" --data_path "$data" \
         --epochs 1 --warmup_epochs 0 --amp "$amp" --device "$device" "${e2e[@]}" --output_dir "$work/linprobe"
-    step knn 0 python main_knn.py --model "$classifier" --finetune "$weights" --data_path "$data" --nb_knn 10 20 \
+    step knn 0 "$PY" main_knn.py --model "$classifier" --finetune "$weights" --data_path "$data" --nb_knn 10 20 \
         --device "$device" "${e2e[@]}" --output_dir "$work/knn"
-    step export 0 python export.py --checkpoint "$weights" --format timm --output "$work/export_timm"
-    step ablation 0 python main_ablation.py --variants hpm mae --seeds 0 --epochs 1 --warmup_epochs 0 --jobs 2 \
+    step export 0 "$PY" export.py --checkpoint "$weights" --format timm --output "$work/export_timm"
+    step ablation 0 "$PY" main_ablation.py --variants hpm mae --seeds 0 --epochs 1 --warmup_epochs 0 --jobs 2 \
         --model "$small" --data_path "$data" --amp "$amp" --device "$device" --probe_epochs 1 "${ablation[@]}" \
         --output_dir "$work/ablation"
 }
 
 loader_part() {
     make_data
-    step loader_cpu 0 python benchmarks/bench_loader.py --data_path "$data" --workers "${workers[@]}" "${loader[@]}" \
+    step loader_cpu 0 "$PY" benchmarks/bench_loader.py --data_path "$data" --workers "${workers[@]}" "${loader[@]}" \
         --json "$work/loader_cpu.json"
-    step loader_gpu_decode 0 python benchmarks/bench_loader.py --data_path "$data" --workers "${workers[0]}" \
+    step loader_gpu_decode 0 "$PY" benchmarks/bench_loader.py --data_path "$data" --workers "${workers[0]}" \
         "${loader[@]}" --gpu_decode --device "$device" --json "$work/loader_gpu_decode.json"
     # the decode check: the same run on the same data through nvJPEG and through PIL (crops differ by RNG,
     # so the curves agree statistically); memory overwritten by an unordered decode shows as a gap
     for path in pil gpu_decode; do
-        step "decode_${path}" 0 python main_pretrain.py --model "$small" --data_path "$data" --warmup_epochs 1 \
+        step "decode_${path}" 0 "$PY" main_pretrain.py --model "$small" --data_path "$data" --warmup_epochs 1 \
             --amp "$amp" --device "$device" --print_freq 5 --output_dir "$work/decode_$path" --no-learning_loss \
             "${decode[@]}" $([ $path = gpu_decode ] && echo --gpu_decode)
     done

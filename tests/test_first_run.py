@@ -2,6 +2,11 @@
 --data_path), and auto-resume that continues only the same run, refusing anything else in one line
 without touching the output folder."""
 import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +16,7 @@ import main_knn
 import main_linprobe
 import main_pretrain
 from engine_pretrain import PRETRAIN_DEFAULTS, check_pretrain_args
-from tests.helpers import make_image_folder, run_script
+from tests.helpers import REPO, make_image_folder, run_script
 from util.args import describe_run, resolve_data_defaults
 from util.checkpoint import save_atomic
 from util.errors import UserError
@@ -230,3 +235,32 @@ def test_finished_classifier_run_exits_zero_untouched(pretrained_checkpoint, tmp
                                                  f"new run, or --resume {out / 'checkpoint-last.pth'} to continue "
                                                  f"that one on purpose with these settings"]
     assert folder_state(out) == before
+
+
+# --- README's sequences, in order, in one copy of the repository ----------------------------------
+
+def readme_sequence(name: str) -> list[list[str]]:
+    """The commands of README's `<!-- sequence: name -->` block, continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    block = text.split(f"<!-- sequence: {name} -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_readme_sequences_run_in_order_in_one_clone(tmp_path):
+    """README's image sequence, then its video sequence, in one clone, one epoch each: no command may stop
+    (before, the second pretraining met the first one's checkpoint, and fine-tuning auto-resumed it)."""
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "output*",
+                                                               ".venv", "venv", "results"))
+    training = {"main_pretrain.py", "main_finetune.py", "main_linprobe.py"}
+    commands = readme_sequence("images") + readme_sequence("video")
+    assert [c[1] for c in commands[:2]] == ["main_pretrain.py", "main_knn.py"] and len(commands) >= 8
+    for command in commands:
+        assert command[0] == "python"
+        argv = [sys.executable, *command[1:]] + (["--epochs", "1"] if command[1] in training else [])
+        done = subprocess.run(argv, cwd=clone, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        assert done.returncode == 0, f"{shlex.join(command)} stopped: {done.stderr.strip()[-500:]}"
+    assert (clone / "fig.png").is_file() and (clone / "hpm_timm" / "config.json").is_file()
+    assert (clone / "output_video_finetune" / "checkpoint-last.pth").is_file()

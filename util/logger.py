@@ -1,5 +1,6 @@
 """Console logging for rank 0 and a metric logger that reads device values only when it prints."""
 import datetime
+import itertools
 import json
 import logging
 import sys
@@ -47,16 +48,29 @@ class MetricLogger:
                          for k in self.sums)
 
     def log_every(self, iterable: Iterable, print_freq: int, header: str) -> Iterator:
+        """Yield the items, logging every `print_freq` steps; each line says which share of the time
+        so far went into waiting for the next item (the data loader): a starved GPU shows in the
+        first minute as a large `data wait`."""
         total = len(iterable)
         start = time.time()
-        for i, item in enumerate(iterable):
+        waited = 0.0
+        items = iter(iterable)
+        for i in itertools.count():
+            asked = time.time()
+            try:
+                item = next(items)
+            except StopIteration:
+                break
+            waited += time.time() - asked
             yield item
             if i % print_freq == 0 or i == total - 1:
                 elapsed = time.time() - start
                 eta = elapsed / (i + 1) * (total - i - 1)
                 log.info(f"{header} [{i + 1}/{total}]  eta {datetime.timedelta(seconds=int(eta))}  "
-                         f"{self.describe()}  {elapsed / (i + 1):.3f} s/it")
-        log.info(f"{header} done in {datetime.timedelta(seconds=int(time.time() - start))}")
+                         f"{self.describe()}  {elapsed / (i + 1):.3f} s/it  data wait {waited / elapsed:.0%}")
+        elapsed = time.time() - start
+        log.info(f"{header} done in {datetime.timedelta(seconds=int(elapsed))} (data wait "
+                 f"{waited / max(elapsed, 1e-9):.0%} of it)")
 
 
 def append_json_log(path: Path, record: dict) -> None:

@@ -3,6 +3,7 @@ tubelets (VideoMAE's: token index t * (gh * gw) + h * gw + w, time slowest, as C
 flattens)."""
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class TubeletEmbed(nn.Module):
@@ -29,12 +30,17 @@ class TubeletEmbed(nn.Module):
                               stride=(tubelet_size, patch_size, patch_size), bias=bias, device=device, dtype=dtype)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        """The Conv3d as what it is, with stride equal to its kernel: the tubelets cut out (time slowest,
+        each tubelet's values in the kernel's (C, t, p, p) order) times the kernel as a matrix. One
+        matrix product, where cuDNN has sent this convolution in bf16 to slow fallbacks; the output is
+        contiguous (N, L, D), so no block's residual stream or LayerNorm works on a strided view."""
         if clips.dim() != 5 or tuple(clips.shape[2:]) != (self.num_frames, *self.img_size):
             raise ValueError(f"expected clips (N, C, {self.num_frames}, {self.img_size[0]}, {self.img_size[1]}), "
                              f"got {tuple(clips.shape)}")
-        # Contiguous once here: a transposed view would make every block's residual add strided and every
-        # LayerNorm copy it (the teacher's 1,568-token pass keeps this layout through all its blocks).
-        return self.proj(clips).flatten(2).transpose(1, 2).contiguous()
+        n, c, frames, h, w = clips.shape
+        t, p = self.tubelet_size, self.patch_size[0]
+        tubelets = clips.reshape(n, c, frames // t, t, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return F.linear(tubelets.reshape(n, self.num_patches, -1), self.proj.weight.flatten(1), self.proj.bias)
 
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """What every script does first: pick the device, join the process group, set up logging; on CPU
-keep freed memory for reuse, on GPUs let fp32 matrix products use TF32."""
+keep freed memory for reuse, on GPUs let fp32 matrix products use TF32 and cuDNN pick its kernels
+by timing them."""
 import ctypes
 import ctypes.util
 
@@ -30,6 +31,7 @@ def start_process(device_name: str, dist_url: str = "env://", timeout_min: float
     setup_logging(info.is_main)
     if device.type == "cpu":
         retain_freed_memory()
-    else:   # fp32 matrix products (--amp none, kNN features) on tensor cores, as TF32
-        torch.set_float32_matmul_precision("high")
+    else:   # fp32 matrix products (--amp none, kNN features) on tensor cores, as TF32; the fastest cuDNN
+        torch.set_float32_matmul_precision("high")   # kernels for the patch embedding's fixed shapes
+        torch.backends.cudnn.benchmark = True
     return info, device
