@@ -245,7 +245,8 @@ class PretrainTask:
         self.generators: tuple[torch.Generator, ...] = (self.mask_generator,)
         self.gpu_augment = None
         if args.gpu_decode:
-            self.gpu_augment = GpuPretrainAugment(student.patch_embed.img_size[0], device, stats)
+            self.gpu_augment = GpuPretrainAugment(student.patch_embed.img_size[0], device, stats,
+                                                  skip_bad_images=args.bad_images == "skip")
             self.augment_generator = torch.Generator(device=device)   # flips, on the device
             self.box_generator = torch.Generator()                     # crop boxes, on the host
             self.generators += (self.augment_generator, self.box_generator)

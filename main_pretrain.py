@@ -17,7 +17,7 @@ from util.checkpoint import FORMAT_PRETRAIN, find_resume, finished_run, load_fil
 from util.data import build_dataset, eval_transform, pretrain_transform, train_loader, with_transform
 from util.distributed import cleanup
 from util.errors import UserError, run_cli
-from util.gpu_augment import JpegBytes, collate_bytes
+from util.gpu_augment import collate_bytes, jpeg_bytes
 from util.normalization import IMAGENET, Stats, dataset_stats, explicit_stats
 from util.optim import effective_lr
 from util.precision import make_scaler, precision_name, resolve_amp
@@ -84,7 +84,7 @@ def main(args: argparse.Namespace) -> PretrainTask | None:
     train_transform = ClipTransform(args.input_size, stats) if student.video else pretrain_transform(args.input_size,
                                                                                                       stats)
     dataset = with_transform(dataset, train_transform)
-    loader = train_loader(JpegBytes(dataset) if args.gpu_decode else dataset, dist_info, args.batch_size,
+    loader = train_loader(jpeg_bytes(dataset) if args.gpu_decode else dataset, dist_info, args.batch_size,
                           args.num_workers, args.pin_mem and device.type == "cuda" and not args.gpu_decode,
                           args.seed, collate_bytes if args.gpu_decode else None)
     lr_given = args.lr is not None

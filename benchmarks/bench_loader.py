@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from util.data import build_dataset, pretrain_transform, train_loader  # noqa: E402
 from util.distributed import DistInfo, resolve_device  # noqa: E402
-from util.gpu_augment import GpuPretrainAugment, JpegBytes, collate_bytes  # noqa: E402
+from util.gpu_augment import GpuPretrainAugment, collate_bytes, jpeg_bytes  # noqa: E402
 
 GOAL_IMAGES_PER_S = 2600   # a ViT-B/16 HPM step on one H200 at the GPU goal (BENCHMARKS.md)
 
@@ -64,7 +64,7 @@ def images_per_second(args: argparse.Namespace, source: str, data_path: str, wor
         loader = reference_loader(data_path, args, workers)
     else:
         dataset = build_dataset(data_path, "train", pretrain_transform(args.input_size), labelled=False)
-        loader = train_loader(JpegBytes(dataset) if augment else dataset, DistInfo(), args.batch_size, workers,
+        loader = train_loader(jpeg_bytes(dataset) if augment else dataset, DistInfo(), args.batch_size, workers,
                               device.type == "cuda" and augment is None, 0, collate_bytes if augment else None)
         loader.sampler.set_epoch(0)
     seen, started = 0, None

@@ -2,6 +2,9 @@
 torchvision's RandomResizedCrop, the same output range, and a pretraining run through it."""
 import io
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +13,11 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import v2  # noqa: F401 - transforms.v2 below
 
-from tests.helpers import run_script
-from util.gpu_augment import GpuPretrainAugment, JpegBytes, collate_bytes, sample_crop_boxes
+from tests.helpers import REPO, run_script
+from util.data import build_dataset, load_rgb
+from util.errors import UserError
+from util.gpu_augment import (GpuPretrainAugment, JpegBytes, collate_bytes, device_decodable, jpeg_bytes,
+                              sample_crop_boxes)
 from util.normalization import IMAGENET
 
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
@@ -54,7 +60,7 @@ def test_output_range_and_values_match_the_cpu_pipeline():
     arrays = [np.clip(rng.normal(128, 50, (h, w, 3)), 0, 255).astype(np.uint8)
               for h, w in ((60, 80), (90, 45), (64, 64))]
     augment = GpuPretrainAugment(32, torch.device("cpu"), IMAGENET)
-    decoded = augment.decode([_jpeg_bytes(a) for a in arrays])
+    decoded = augment.decode(collate_bytes([(_jpeg_bytes(a), 0, True, f"{i}.jpg") for i, a in enumerate(arrays)])[0])
     out = augment(decoded, torch.Generator().manual_seed(0))
     assert out.shape == (3, 3, 32, 32) and out.dtype == torch.float32
     low = (0 - torch.tensor(IMAGENET.mean)) / torch.tensor(IMAGENET.std)
@@ -70,17 +76,111 @@ def test_output_range_and_values_match_the_cpu_pipeline():
     assert diff < 0.02
 
 
-def test_non_jpeg_files_and_the_built_in_digits_are_clear_errors(tmp_path):
-    from util.data import build_dataset
-    from util.errors import UserError
-    (tmp_path / "train" / "c").mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "c" / "a.png")
-    with pytest.raises(UserError, match="a.png: not a JPEG"):
-        JpegBytes(build_dataset(str(tmp_path), "train", None))[0]
+def _odd_files(root) -> dict[str, bool]:
+    """ImageNet's kinds of files in one folder: file name -> whether it goes to the device decoder."""
+    folder = root / "train" / "c"
+    folder.mkdir(parents=True)
+    arr = np.random.RandomState(0).randint(0, 255, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(folder / "a_plain.JPEG", format="JPEG", quality=90)
+    Image.fromarray(arr).save(folder / "b_png_named.JPEG", format="PNG")       # as n02105855_2933.JPEG
+    Image.fromarray(arr).convert("CMYK").save(folder / "c_cmyk.JPEG", format="JPEG")   # 22 of these in ImageNet
+    Image.fromarray(arr).save(folder / "d_progressive.JPEG", format="JPEG", progressive=True)
+    Image.fromarray(arr).convert("L").save(folder / "e_grey.JPEG", format="JPEG")
+    return {"a_plain.JPEG": True, "b_png_named.JPEG": False, "c_cmyk.JPEG": False, "d_progressive.JPEG": True,
+            "e_grey.JPEG": False}
+
+
+def test_files_nvjpeg_should_not_get_are_decoded_by_the_workers_and_merged_in_order(tmp_path):
+    expected = _odd_files(tmp_path)
+    dataset = jpeg_bytes(build_dataset(str(tmp_path), "train", None, labelled=False))
+    items = [dataset[i] for i in range(len(dataset))]
+    assert {Path(name).name: encoded for _, _, encoded, name in items} == expected
+    batch, labels = collate_bytes(items)
+    assert batch.data.dim() == 1 and len(batch.offsets) == sum(expected.values()) + 1 and len(batch.decoded) == 3
+    images = GpuPretrainAugment(32, torch.device("cpu")).decode(batch)
+    for image, (_, _, _, name) in zip(images, items):
+        reference = torch.from_numpy(np.asarray(load_rgb(name))).permute(2, 0, 1)
+        assert image.shape == reference.shape == (3, 30, 40), name
+        assert (image.float() - reference.float()).abs().mean() < 2.0, name   # libjpeg and PIL's: rounding
     with pytest.raises(UserError, match="give --data_path"):
         JpegBytes(build_dataset(None, "train", None))
-    data, labels = collate_bytes([(torch.zeros(3, dtype=torch.uint8), 1), (torch.zeros(5, dtype=torch.uint8), 0)])
-    assert [len(d) for d in data] == [3, 5] and labels.tolist() == [1, 0]
+
+
+def _truncated(folder):
+    arr = np.random.RandomState(1).randint(0, 255, (30, 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format="JPEG", quality=90)
+    (folder / "z_truncated.JPEG").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+
+
+def test_a_truncated_jpeg_stops_naming_it_or_is_skipped(tmp_path):
+    _odd_files(tmp_path)
+    _truncated(tmp_path / "train" / "c")
+    stop = jpeg_bytes(build_dataset(str(tmp_path), "train", None, labelled=False))
+    assert not device_decodable((tmp_path / "train" / "c" / "z_truncated.JPEG").read_bytes())
+    with pytest.raises(UserError, match="z_truncated.JPEG: unreadable image .*--bad_images skip"):
+        stop[len(stop) - 1]
+    skip = jpeg_bytes(build_dataset(str(tmp_path), "train", None, bad_images="skip", labelled=False))
+    assert Path(skip[len(skip) - 1][3]).name == "a_plain.JPEG"   # the next readable image, as on the CPU path
+
+
+def _refused_jpeg(seed: int) -> bytes:
+    """A JPEG that passes every header check but whose Huffman table the decoder refuses."""
+    raw = bytearray(_jpeg_bytes(np.random.RandomState(seed).randint(0, 255, (20, 28, 3), dtype=np.uint8)).numpy())
+    table = raw.index(b"\xff\xc4")
+    raw[table + 5:table + 21] = b"\xff" * 16
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_batch_the_decoder_refuses_is_retried_image_by_image(skip, capsys):
+    good = [_jpeg_bytes(np.full((20, 28, 3), value, dtype=np.uint8)) for value in (50, 200)]
+    bad = _refused_jpeg(0)
+    assert device_decodable(bad)
+    batch = collate_bytes([(good[0], 0, True, "good0.jpg"), (torch.frombuffer(bytearray(bad), dtype=torch.uint8), 0,
+                            True, "refused.jpg"), (good[1], 0, True, "good1.jpg")])[0]
+    augment = GpuPretrainAugment(16, torch.device("cpu"), skip_bad_images=skip)
+    if not skip:
+        with pytest.raises(UserError, match="refused.jpg: the device's JPEG decoder cannot read it .*--bad_images skip"):
+            augment.decode(batch)
+        return
+    images = augment.decode(batch)
+    assert len(images) == 3 and torch.equal(images[1], images[0]) and not torch.equal(images[2], images[0])
+
+
+def test_a_batch_of_512_crosses_from_the_workers_under_a_low_descriptor_limit(tmp_path):
+    """Each image was its own shared-memory segment and file descriptor: 512 raised EMFILE under
+    ulimit -n 1024 with the loader's other descriptors; a batch is now a few tensors whatever its size."""
+    folder = tmp_path / "train" / "c"
+    folder.mkdir(parents=True)
+    for i in range(512):
+        Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(folder / f"{i}.jpg", quality=90)
+    script = f"""
+import resource, sys, torch
+sys.path.insert(0, {str(REPO)!r})
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from util.data import build_dataset
+from util.gpu_augment import collate_bytes, jpeg_bytes
+dataset = jpeg_bytes(build_dataset({str(tmp_path)!r}, "train", None, labelled=False))
+loader = torch.utils.data.DataLoader(dataset, batch_size=512, num_workers=1, collate_fn=collate_bytes)
+batch, labels = next(iter(loader))
+assert len(batch) == 512 and len(labels) == 512 and len(batch.offsets) == 513
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)   # a hang before
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-800:]
+
+
+def test_pretraining_with_gpu_decode_on_imagenets_odd_files(tmp_path):
+    _odd_files(tmp_path)
+    _truncated(tmp_path / "train" / "c")
+    common = ["--data_path", str(tmp_path), "--gpu_decode", "--epochs", "1", "--batch_size", "3",
+              "--num_workers", "0", "--print_freq", "1", "--warmup_epochs", "0", "--input_size", "32"]
+    stopped = run_script("main_pretrain.py", *common, "--output_dir", str(tmp_path / "stop"))
+    assert stopped.returncode == 2 and "z_truncated.JPEG: unreadable image" in stopped.stderr
+    skipped = run_script("main_pretrain.py", *common, "--bad_images", "skip", "--output_dir", str(tmp_path / "skip"))
+    assert skipped.returncode == 0, skipped.stderr
+    assert "skipped: " in skipped.stdout + skipped.stderr and "z_truncated.JPEG" in skipped.stdout + skipped.stderr
 
 
 @pytest.mark.slow

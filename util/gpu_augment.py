@@ -1,53 +1,117 @@
 """Pretraining augmentation on the GPU (`--gpu_decode`), for when the CPU loader cannot keep up:
-the loader's workers only read the JPEG files' bytes; the batch is decoded on the device
+the loader's workers only read the JPEG files' bytes (and decode on the CPU the few files nvJPEG
+should not get: `device_decodable`); the batch is decoded on the device
 (`torchvision.io.decode_jpeg`, nvJPEG on CUDA) and cropped, resized, flipped and normalised
 there. The crop boxes follow torchvision's RandomResizedCrop exactly (ten tries at a random
 area and log-ratio, else the centre crop at the clamped ratio), drawn for the whole batch at once
 from the run's own generator; resizing is bicubic with antialiasing, as on the CPU path, for the
 whole batch in a few kernels (`resized_crops`).
 On a CPU device the same code decodes on the CPU, which is how it is tested."""
+import io
+import logging
 import math
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torchvision
 from torch.utils.data import Dataset
 
+from util.data import SkipBadImages, load_rgb
 from util.errors import UserError
 from util.normalization import IMAGENET, Stats
 
+log = logging.getLogger("hpm")
+
 JPEG_MAGIC = b"\xff\xd8"
 TRIES = 10
+DEVICE_FRAMES = (0xC0, 0xC1, 0xC2)   # baseline, extended and progressive Huffman-coded frames
+
+
+def device_decodable(raw: bytes) -> bool:
+    """Whether nvJPEG should get these bytes: a complete (ending in EOI) 8-bit baseline, extended or
+    progressive JPEG of 3 components. Anything else (a PNG named .JPEG, CMYK and YCCK, greyscale,
+    arithmetic-coded, lossless, 12-bit or truncated files) is decoded on the CPU instead, by the
+    loader's worker, as the CPU path would: torchvision's CUDA decoder does not enable nvJPEG's CMYK
+    support, and one file nvJPEG refuses would otherwise end the batch."""
+    if raw[:2] != JPEG_MAGIC or raw.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return False
+    i = 2
+    while i + 4 <= len(raw):
+        if raw[i] != 0xFF:
+            return False
+        marker = raw[i + 1]
+        if marker == 0xFF:   # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:   # markers without a length
+            i += 2
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):   # the frame header
+            return marker in DEVICE_FRAMES and i + 9 < len(raw) and raw[i + 4] == 8 and raw[i + 9] == 3
+        elif marker == 0xDA:   # a scan before any frame header
+            return False
+        else:
+            i += 2 + int.from_bytes(raw[i + 2:i + 4], "big")
+    return False
 
 
 class JpegBytes(Dataset):
-    """The raw bytes of each image (no decoding): the files of an image folder or list, the members
-    of WebDataset shards, the image column of a Hugging Face dataset."""
+    """Each image as its file's bytes, for the device to decode (`device_decodable`), or else decoded
+    here on the CPU to uint8 (3, H, W): the files of an image folder or list, the members of WebDataset
+    shards, the image column of a Hugging Face dataset. An image the CPU cannot read either raises
+    BadImageError, which `--bad_images skip` handles as on the CPU path (`jpeg_bytes`).
+    -> (bytes or pixels, label, encoded, name)."""
 
     def __init__(self, dataset: Dataset) -> None:
-        source = getattr(dataset, "dataset", dataset)      # under SkipBadImages
-        self.samples = getattr(source, "samples", None)
-        self.source = source if hasattr(source, "raw_sample") else None
+        self.samples = getattr(dataset, "samples", None)
+        self.source = dataset if hasattr(dataset, "raw_sample") else None
         if self.samples is None and self.source is None:
             raise UserError("--gpu_decode reads JPEG files: give --data_path (the built-in digits have no files)")
 
     def __len__(self) -> int:
         return len(self.source) if self.source is not None else len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool, str]:
         if self.source is not None:
             (raw, label), name = self.source.raw_sample(index), self.source.name(index)
         else:
             path, label = self.samples[index]
-            raw, name = Path(path).read_bytes(), path
-        if raw[:2] != JPEG_MAGIC:
-            raise UserError(f"{name}: not a JPEG; --gpu_decode decodes JPEGs only (convert it, or drop --gpu_decode)")
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8), label
+            raw, name = Path(path).read_bytes(), str(path)
+        if device_decodable(raw):
+            return torch.frombuffer(bytearray(raw), dtype=torch.uint8), label, True, name
+        pixels = np.array(load_rgb(io.BytesIO(raw), name))
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), label, False, name
 
 
-def collate_bytes(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    return [data for data, _ in batch], torch.tensor([label for _, label in batch])
+def jpeg_bytes(dataset: Dataset) -> Dataset:
+    """`dataset`'s images as JpegBytes, keeping `--bad_images skip` (SkipBadImages) around them."""
+    if isinstance(dataset, SkipBadImages):
+        return SkipBadImages(JpegBytes(dataset.dataset))
+    return JpegBytes(dataset)
+
+
+class JpegBatch(NamedTuple):
+    """A batch as it leaves the loader's workers: the JPEG bytes of every device-decoded image in one
+    flat tensor (two shared-memory segments for the whole batch, not one per image, which ran out of
+    file descriptors at 512 images), and the few images the workers decoded on the CPU."""
+    data: torch.Tensor            # (B,) uint8: the JPEGs' bytes, one after another
+    offsets: torch.Tensor         # (J + 1,) int64: JPEG j is data[offsets[j]:offsets[j + 1]]
+    encoded: torch.Tensor         # (N,) bool: image i is the next JPEG (True) or the next of `decoded`
+    decoded: list[torch.Tensor]   # uint8 (3, H, W) images decoded by the workers, in batch order
+    names: list[str]              # every image's file, for errors
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def collate_bytes(batch: list[tuple[torch.Tensor, int, bool, str]]) -> tuple[JpegBatch, torch.Tensor]:
+    jpegs = [data for data, _, encoded, _ in batch if encoded]
+    sizes = torch.tensor([0] + [len(data) for data in jpegs], dtype=torch.int64)
+    flat = torch.cat(jpegs) if jpegs else torch.zeros(0, dtype=torch.uint8)
+    return (JpegBatch(flat, sizes.cumsum(0), torch.tensor([item[2] for item in batch]),
+                      [data for data, _, encoded, _ in batch if not encoded], [item[3] for item in batch]),
+            torch.tensor([label for _, label, _, _ in batch]))
 
 
 def sample_crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale: tuple[float, float],
@@ -109,16 +173,51 @@ class GpuPretrainAugment:
     generator), so a step needs no host-device synchronisation; the flips are drawn on the device."""
 
     def __init__(self, size: int, device: torch.device, stats: Stats = IMAGENET,
-                 scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+                 scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 skip_bad_images: bool = False) -> None:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.size, self.device, self.scale, self.ratio = size, device, scale, ratio
+        self.skip = skip_bad_images
         self.mean = torch.tensor(stats.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(stats.std, device=device).view(1, 3, 1, 1)
         self.decode_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def decode(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
-        return decode_jpegs(data, self.device, self.decode_stream)
+    def decode(self, batch: JpegBatch) -> list[torch.Tensor]:
+        """A loader batch -> its uint8 (3, H_i, W_i) images on the device, in batch order: the JPEGs
+        decoded there, the workers' CPU-decoded images copied over."""
+        sizes = (batch.offsets[1:] - batch.offsets[:-1]).tolist()
+        encoded = batch.encoded.tolist()
+        names = [name for name, e in zip(batch.names, encoded) if e]
+        jpegs = iter(self.decode_all(list(batch.data.split(sizes)), names) if sizes else [])
+        pixels = iter(batch.decoded)
+        return [next(jpegs) if e else next(pixels).to(self.device, non_blocking=True) for e in encoded]
+
+    def decode_all(self, jpegs: list[torch.Tensor], names: list[str]) -> list[torch.Tensor]:
+        """The batch's JPEGs in one decode; if the decoder refuses the batch, image by image, where one
+        it refuses stops the run naming its file, or (`--bad_images skip`) is replaced by another image
+        of the batch with a warning naming it."""
+        try:
+            return decode_jpegs(jpegs, self.device, self.decode_stream)
+        except RuntimeError:
+            pass
+        images: list[torch.Tensor | None] = []
+        for data, name in zip(jpegs, names):
+            try:
+                images.append(decode_jpegs([data], self.device, self.decode_stream)[0])
+            except RuntimeError as exc:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rsplit(", ", 1)[-1][:160]
+                if not self.skip:
+                    raise UserError(f"{name}: the device's JPEG decoder cannot read it ({reason}); pass "
+                                    f"--bad_images skip to replace it, or drop --gpu_decode") from None
+                log.warning(f"skipped: {name}: the device's JPEG decoder cannot read it ({reason}); replaced "
+                            f"by another image of the batch")
+                images.append(None)
+        good = next((image for image in images if image is not None), None)
+        if good is None:
+            raise UserError(f"none of the batch's JPEGs decodes on the device (first: {names[0]}); check "
+                            f"--data_path, or drop --gpu_decode")
+        return [image if image is not None else good for image in images]
 
     def __call__(self, images: list[torch.Tensor], generator: torch.Generator | None = None,
                  box_generator: torch.Generator | None = None) -> torch.Tensor:
