@@ -141,7 +141,7 @@ class ClassifierSetup:
         `train_transform(size, args, stats)` augments training images (None: evaluation only),
         `clip_train_transform` the clips of a video classifier."""
         self.args, self.fmt, self.finished = args, fmt, False
-        self.dist, self.device = start_process(args.device, args.dist_url, args.dist_timeout)
+        self.dist, self.device = start_process(args.device, args.dist_url, args.dist_timeout, args.deterministic)
         self.video = is_video_classifier(args.model)
         check_clip_args(args, self.video)
         self.filled = resolve_data_defaults(args, data_defaults, self.video)

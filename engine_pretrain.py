@@ -30,6 +30,7 @@ from util.normalization import IMAGENET, Stats
 from util.patches import gather_patches
 from util.schedules import teacher_decay, teacher_decay_per_step
 from util.targets import FrozenTarget
+from util.video import normalise_clips
 from util.precision import autocast
 
 log = logging.getLogger("hpm")
@@ -251,8 +252,10 @@ class PretrainTask:
             self.box_generator = torch.Generator()                     # crop boxes, on the host
             self.generators += (self.augment_generator, self.box_generator)
         model: nn.Module = student
-        if world_size > 1:
-            model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        if world_size > 1:   # the student's buffers are constants (position tables, pixel statistics), the
+            # same on every rank: nothing to re-broadcast each step
+            model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
+                                            broadcast_buffers=False)
         self.model = torch.compile(model, dynamic=False) if args.compile else model
         self.preview, self.stats = preview, stats
         self.num_parameters = sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -293,6 +296,8 @@ class PretrainTask:
                                         self.box_generator)
         else:
             imgs = batch[0].to(self.device, non_blocking=True)
+            if imgs.dtype == torch.uint8:   # clips leave the loader's workers as bytes, normalised here
+                imgs = normalise_clips(imgs, self.stats)
         features, pred_loss = self.targets(imgs, epoch, timer)
         mask = self.mask(imgs, epoch, self.mask_generator, timer, pred_loss)
         with timer("forward"), self.precision():

@@ -55,7 +55,7 @@ def extract(model: torch.nn.Module, dataset, dist_info: DistInfo, args, device, 
 
 
 def main(args: argparse.Namespace) -> None:
-    dist_info, device = start_process(args.device, args.dist_url, args.dist_timeout)
+    dist_info, device = start_process(args.device, args.dist_url, args.dist_timeout, args.deterministic)
     if args.batch_size < 1 or min(args.nb_knn) < 1:
         raise UserError("--batch_size and every --nb_knn value must be at least 1")
     check_clip_args(args, is_video_classifier(args.model))

@@ -58,7 +58,7 @@ def pretraining_stats(args: argparse.Namespace, dataset, video: bool = False) ->
 def main(args: argparse.Namespace) -> PretrainTask | None:
     """Pretrain; returns the task (its `student` and `teacher`) for programmatic use, or None when the
     run in --output_dir had already finished."""
-    dist_info, device = start_process(args.device, args.dist_url, args.dist_timeout)
+    dist_info, device = start_process(args.device, args.dist_url, args.dist_timeout, args.deterministic)
     args.world_size = dist_info.world_size
     filled = check_pretrain_args(args)
     settings = run_settings(args, dist_info.world_size)
@@ -81,8 +81,8 @@ def main(args: argparse.Namespace) -> PretrainTask | None:
                                 image_column=args.image_column, label_column=args.label_column)
     stats = pretraining_stats(args, dataset, student.video)
     student.set_pixel_stats(stats.mean, stats.std)
-    train_transform = ClipTransform(args.input_size, stats) if student.video else pretrain_transform(args.input_size,
-                                                                                                      stats)
+    train_transform = (ClipTransform(args.input_size, stats, as_uint8=True) if student.video
+                       else pretrain_transform(args.input_size, stats))
     dataset = with_transform(dataset, train_transform)
     loader = train_loader(jpeg_bytes(dataset) if args.gpu_decode else dataset, dist_info, args.batch_size,
                           args.num_workers, args.pin_mem and device.type == "cuda" and not args.gpu_decode,

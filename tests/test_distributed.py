@@ -178,3 +178,28 @@ def test_scripts_and_the_ablation_import_without_submitit(tmp_path):
                          env={**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "--cluster needs submitit, which is not installed here: pip install submitit"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, batch", [("mae_vit_tiny_patch4", "32"), ("videomae_vit_tiny_patch4", "8")])
+def test_torchrun_compiled_checkpointed_accumulating_run_keeps_ranks_identical_and_resumes(tmp_path, model, batch):
+    """DDP with --compile, --grad_checkpointing and --accum_iter 2 together, images and clips: stopped by
+    SIGTERM mid-epoch (the compiled teacher already choosing hard patches: 1 epoch means alpha 0.5 from
+    the start), resumed by the same command, the ranks' students and teachers identical at the end."""
+    out = tmp_path / "out"
+    argv = ["tests/dist_worker.py", str(tmp_path), "--model", model, "--compile", "--grad_checkpointing",
+            "--accum_iter", "2", "--epochs", "1", "--batch_size", batch, "--num_workers", "0", "--print_freq", "4",
+            "--output_dir", str(out)]
+    stopped = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", *argv], capture_output=True, text=True,
+                             cwd=REPO, timeout=900, env={**ENV, "HPM_FAULT": "point=step,at=9,action=SIGTERM,rank=0"})
+    assert stopped.returncode != 0 and "SIGTERM: saved epoch 0 at step" in stopped.stdout, stopped.stderr[-3000:]
+    ckpt = load_file(out / "checkpoint-last.pth")
+    assert ckpt["next_epoch"] == 0 and ckpt["next_step"] % 2 == 0 and len(ckpt["rng"]) == 2
+    resumed = _torchrun(*argv)
+    assert resumed.returncode == 0 and "at epoch 0, step" in resumed.stdout, resumed.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in (0, 1))
+    for part in ("student", "teacher"):
+        for name, value in r0[part].items():
+            assert torch.equal(value, r1[part][name]), f"{part}.{name} differs between ranks"
+    final = load_file(out / "checkpoint-last.pth")
+    assert final["next_epoch"] == 1 and all(torch.equal(v, r0["teacher"][k]) for k, v in final["teacher"].items())

@@ -70,6 +70,9 @@ PRETRAIN_CELLS = {
     "gpu_decode+norm_dataset": ["--gpu_decode", "--norm", "dataset"],
     "gpu_decode+norm_pix+mae": ["--gpu_decode", "--norm_pix_loss", "--no-learning_loss"],
     "bad_images_skip": ["--bad_images", "skip"],
+    "gpu_decode+bad_images_skip": ["--gpu_decode", "--bad_images", "skip"],
+    "deterministic": ["--deterministic"],
+    "deterministic+accum_iter": ["--deterministic", "--accum_iter", "2"],
 }
 
 
@@ -183,6 +186,7 @@ FINETUNE_CELLS = {
     "amp_bf16": ["--amp", "bf16"],
     "clip_grad": ["--clip_grad", "1.0"],
     "bad_images_skip": ["--bad_images", "skip"],
+    "deterministic": ["--deterministic"],
 }
 
 
@@ -212,6 +216,7 @@ PROBE_CELLS = {
     "input_size": ["--input_size", "48"],
     "mean_std": STATS,
     "bad_images_skip": ["--bad_images", "skip"],
+    "deterministic": ["--deterministic"],
 }
 
 
@@ -234,6 +239,7 @@ KNN_CELLS = {
     "mean_std": STATS,
     "amp_bf16": ["--amp", "bf16"],
     "bad_images_skip": ["--bad_images", "skip"],
+    "deterministic": ["--deterministic"],
 }
 
 

@@ -248,6 +248,10 @@ def runtime_parser() -> argparse.ArgumentParser:
                         "scaler; fp32 on CPU")
     g.add_argument("--seed", type=int, default=0, help="seed of every random number generator")
     g.add_argument("--dist_url", type=str, default="env://", help="process-group init method (torchrun sets env://)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="GPUs: deterministic kernels where torch has them (a warning names each operator without "
+                        "one), so a resumed run retraces an uninterrupted one more closely, somewhat slower; CPU "
+                        "runs are deterministic without it (RELIABILITY.md)")
     g.add_argument("--dist_timeout", type=float, default=30.0,
                    help="minutes a collective may take before the process stops with an error naming its rank "
                         "(a stuck or dead rank), instead of waiting forever")
@@ -328,7 +332,7 @@ RESTART_SAFE = frozenset({
     "epochs", "num_workers", "print_freq", "save_every", "save_retry", "pin_mem", "device", "dist_url",
     "dist_timeout", "output_dir", "log_dir", "experiment", "resume", "auto_resume", "start_epoch",
     "max_skipped_steps", "video_decoder", "bad_images", "compile", "grad_checkpointing", "batch_size",
-    "accum_iter", "eval", "world_size"})
+    "accum_iter", "eval", "world_size", "deterministic"})
 
 
 def run_settings(args: argparse.Namespace, world_size: int) -> dict:

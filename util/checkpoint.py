@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from util.args import first_difference, setting_name, show
+from util.distributed import is_distributed
 from util.errors import UserError
 from util.faults import fault_point
 
@@ -292,8 +293,9 @@ def save_training_checkpoint(paths: list[Path], fmt: str, model_name: str, next_
 
 
 def resume_training(path: Path, fmt: str, model_name: str, states: dict[str, Any]) -> dict:
-    """Restore every object of `states` from one of this script's checkpoints; returns the checkpoint."""
-    ckpt = load_file(path, "--resume")
+    """Restore every object of `states` from one of this script's checkpoints; returns the checkpoint.
+    The file is memory-mapped: each tensor is read as it is copied into place, not all first."""
+    ckpt = load_file(path, "--resume", mmap=True)
     check_format(ckpt, fmt, path)
     if ckpt.get("model_name") != model_name:
         raise UserError(f"--resume {path}: checkpoint of model {ckpt.get('model_name')}, but --model is "
@@ -349,6 +351,25 @@ def check_same_run(path: Path, fmt: str, settings: dict, output_dir: Path) -> No
 
 def find_resume(resume: str | None, auto_resume: bool, output_dir: Path, fmt: str | None = None,
                 settings: dict | None = None) -> Path | None:
+    """The checkpoint to resume from (`_find_resume`), chosen by rank 0 alone and broadcast to the
+    others (the same answer, or the same one-line error, everywhere): only one process hashes
+    checkpoints of several GiB on a shared file system."""
+    if not is_distributed():
+        return _find_resume(resume, auto_resume, output_dir, fmt, settings)
+    found: list = [None, None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            found[0] = _find_resume(resume, auto_resume, output_dir, fmt, settings)
+        except UserError as exc:
+            found[1] = str(exc)
+    torch.distributed.broadcast_object_list(found, src=0)
+    if found[1] is not None:
+        raise UserError(found[1])
+    return found[0]
+
+
+def _find_resume(resume: str | None, auto_resume: bool, output_dir: Path, fmt: str | None = None,
+                 settings: dict | None = None) -> Path | None:
     """--resume if given (a damaged file is an error); else, when auto-resuming, the newest intact
     checkpoint of output_dir: checkpoint-last.pth, or (with a warning naming both files) the newest
     numbered one that passes its checksum. Existing checkpoints that are all damaged are an error,

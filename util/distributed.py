@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from util.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -23,7 +25,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from util.errors import UserError
         raise UserError(f"--device {name} asked for CUDA but no GPU is visible: use --device cpu or auto")
     return device
 
@@ -36,8 +37,12 @@ def init_distributed(device: torch.device, dist_url: str = "env://",
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo(), device
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    if device.type == "cuda":   # one GPU per local rank; a launcher that binds one GPU per task shows it as cuda:0
+        count = torch.cuda.device_count()
+        if info.local_rank >= count and count != 1:
+            raise UserError(f"local rank {info.local_rank} sees {count} GPUs: give each task one GPU (SLURM "
+                            f"--gpus-per-task 1) or all of the node's (torchrun --nproc_per_node up to {count})")
+        device = torch.device("cuda", info.local_rank if info.local_rank < count else 0)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         # 2: on a timed-out collective the watchdog aborts the communicator and the waiting call raises,

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from util.distributed import is_distributed
+from util.distributed import cleanup, is_distributed
 
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: rerun the same command to resume
 
@@ -52,6 +52,7 @@ class StopRequest:
         """Called once the checkpoint of `epoch`, stopped before `step`, is on disk."""
         log.warning(f"{self.signal_name}: saved epoch {epoch} at step {step} to checkpoint-last.pth; "
                     f"rerun the same command to resume")
+        cleanup()   # leave the process group before exiting (NCCL warns of, and may hang on, one left open)
         self._after_save()
 
 

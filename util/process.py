@@ -3,6 +3,7 @@ keep freed memory for reuse, on GPUs let fp32 matrix products use TF32 and cuDNN
 by timing them."""
 import ctypes
 import ctypes.util
+import os
 
 import torch
 
@@ -26,12 +27,20 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def start_process(device_name: str, dist_url: str = "env://", timeout_min: float = 30.0) -> tuple[DistInfo, torch.device]:
+def start_process(device_name: str, dist_url: str = "env://", timeout_min: float = 30.0,
+                  deterministic: bool = False) -> tuple[DistInfo, torch.device]:
+    """`deterministic` (--deterministic): deterministic kernels where torch has them (a warning names
+    each operator that has none), so that a resumed GPU run retraces an uninterrupted one more closely,
+    at some speed; CPU runs are deterministic without it."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # before cuBLAS starts: fixed reductions
+        torch.use_deterministic_algorithms(True, warn_only=True)
     info, device = init_distributed(resolve_device(device_name), dist_url, timeout_min)
     setup_logging(info.is_main)
     if device.type == "cpu":
         retain_freed_memory()
     else:   # fp32 matrix products (--amp none, kNN features) on tensor cores, as TF32; the fastest cuDNN
         torch.set_float32_matmul_precision("high")   # kernels for the patch embedding's fixed shapes
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
     return info, device

@@ -36,8 +36,8 @@ def rng_state(generators: tuple[torch.Generator, ...] = ()) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
              "generators": [g.get_state() for g in generators]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():   # this process's GPU (others are other ranks')
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -47,7 +47,10 @@ def set_rng_state(state: dict, generators: tuple[torch.Generator, ...] = ()) -> 
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available() and "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif torch.cuda.is_available() and state.get("cuda"):   # older checkpoints: every visible GPU's
+        states = state["cuda"]
+        torch.cuda.set_rng_state(states[min(torch.cuda.current_device(), len(states) - 1)])
     for generator, saved in zip(generators, state.get("generators", ())):
         generator.set_state(saved)
