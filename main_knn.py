@@ -96,7 +96,8 @@ def main(args: argparse.Namespace) -> None:
             log.info(f"features saved to {dump}")
     if dist_info.is_main:
         log.info(f"kNN on {len(train_l)} training / {len(val_l)} validation features of dimension {train_f.shape[1]}")
-        results = knn_classify(train_f, train_l, val_f, val_l, args.nb_knn, args.temperature)
+        results = knn_classify(train_f.to(device), train_l.to(device), val_f.to(device), val_l.to(device),
+                               args.nb_knn, args.temperature)   # on the GPU where there is one
         for k, (top1, top5) in results.items():
             log.info(f"{k}-NN classifier: top-1 {top1:.2f}%, top-5 {top5:.2f}%")
         append_json_log(output_dir / "log_knn.txt", {"finetune": args.finetune, "teacher": args.teacher,

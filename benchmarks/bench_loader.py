@@ -63,7 +63,8 @@ def images_per_second(args: argparse.Namespace, source: str, data_path: str, wor
     if source == "reference":
         loader = reference_loader(data_path, args, workers)
     else:
-        dataset = build_dataset(data_path, "train", pretrain_transform(args.input_size), labelled=False)
+        dataset = build_dataset(data_path, "train", pretrain_transform(args.input_size), bad_images="skip",
+                                labelled=False)   # a truncated file in the data (make_jpeg_folder.py --odd_files)
         loader = train_loader(jpeg_bytes(dataset) if augment else dataset, DistInfo(), args.batch_size, workers,
                               device.type == "cuda" and augment is None, 0, collate_bytes if augment else None)
         loader.sampler.set_epoch(0)

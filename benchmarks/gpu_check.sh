@@ -100,9 +100,9 @@ compile_part() {
         --json "$work/bench_vit_b_bs${batches[1]}_compile.json"
 }
 
-make_data() {
+make_data() {   # make_data [--odd_files]: the loader part's data also holds ImageNet's awkward files
     data="$work/jpegs"
-    [ -d "$data" ] || step make_jpegs 0 "$PY" benchmarks/make_jpeg_folder.py --root "$data" "${images[@]}"
+    [ -d "$data" ] || step make_jpegs 0 "$PY" benchmarks/make_jpeg_folder.py --root "$data" "${images[@]}" "$@"
 }
 
 e2e_part() {
@@ -129,7 +129,7 @@ c = load_file('$work/pretrain/checkpoint-last.pth'); assert (c['next_epoch'], c[
 }
 
 loader_part() {
-    make_data
+    make_data --odd_files
     step loader_cpu 0 "$PY" benchmarks/bench_loader.py --data_path "$data" --workers "${workers[@]}" "${loader[@]}" \
         --json "$work/loader_cpu.json"
     step loader_gpu_decode 0 "$PY" benchmarks/bench_loader.py --data_path "$data" --workers "${workers[0]}" \
@@ -139,7 +139,7 @@ loader_part() {
     for path in pil gpu_decode; do
         step "decode_${path}" 0 "$PY" main_pretrain.py --model "$small" --data_path "$data" --warmup_epochs 1 \
             --amp "$amp" --device "$device" --print_freq 5 --output_dir "$work/decode_$path" --no-learning_loss \
-            "${decode[@]}" $([ $path = gpu_decode ] && echo --gpu_decode)
+            --bad_images skip "${decode[@]}" $([ $path = gpu_decode ] && echo --gpu_decode)
     done
 }
 
