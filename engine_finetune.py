@@ -60,7 +60,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> 
         hits = top == targets.unsqueeze(1)
         totals += torch.stack([nn.functional.nll_loss(log_probs.float(), targets, reduction="sum").double(),
                                hits[:, :1].sum().double(), hits.sum().double(),
-                               torch.tensor(float(len(targets)), dtype=torch.float64, device=device)])
+                               torch.ones_like(targets, dtype=torch.float64).sum()])   # counted on the device: no sync
     if is_distributed():
         torch.distributed.all_reduce(totals)
     loss, top1, top5, count = totals.tolist()
@@ -135,13 +135,14 @@ class ClassifierSetup:
     """What fine-tuning and linear probing wire up alike: process, data, loaders, precision,
     learning rate, output directory, tensorboard and the loop's `Run`."""
 
-    def __init__(self, args, fmt: str, data_defaults: dict[str, DataDefault], train_transform: Callable | None,
-                 clip_train_transform: Callable | None = None) -> None:
-        """`fmt`: the script's checkpoint format; `data_defaults`: the script's defaults that depend on the data (util.args.DataDefault);
-        `train_transform(size, args, stats)` augments training images (None: evaluation only),
-        `clip_train_transform` the clips of a video classifier."""
+    def __init__(self, args, fmt: str, data_defaults: dict[str, DataDefault],
+                 train_transform: Callable | None, clip_train_transform: Callable | None = None) -> None:
+        """`fmt`: the script's checkpoint format; `data_defaults`: its defaults that depend on the data
+        (util.args.DataDefault); `train_transform(size, args, stats)` augments training images (None:
+        evaluation only), `clip_train_transform` the clips of a video classifier."""
         self.args, self.fmt, self.finished = args, fmt, False
-        self.dist, self.device = start_process(args.device, args.dist_url, args.dist_timeout, args.deterministic)
+        self.dist, self.device = start_process(args.device, args.dist_url, args.dist_timeout,
+                                               args.deterministic)
         self.video = is_video_classifier(args.model)
         check_clip_args(args, self.video)
         self.filled = resolve_data_defaults(args, data_defaults, self.video)

@@ -61,8 +61,8 @@ BASELINES = ("mae", "videomae")   # the default baseline: the first of these tha
 # Set by the ablation for each run, so not passed through.
 PER_RUN_DESTS = ("output_dir", "seed", "resume", "auto_resume", "log_dir", "experiment", "start_epoch")
 # Where and how a run is executed rather than what it computes: may change between calls.
-RUNTIME_DESTS = ("output_dir", "device", "num_workers", "pin_mem", "dist_url", "dist_timeout", "deterministic", "print_freq",
-                 "save_retry", "max_skipped_steps", "bad_images", "video_decoder", "grad_checkpointing")
+RUNTIME_DESTS = ("output_dir", "device", "num_workers", "pin_mem", "dist_url", "dist_timeout", "deterministic",
+                 "print_freq", "save_retry", "max_skipped_steps", "bad_images", "video_decoder", "grad_checkpointing")
 STAGES_ENTRY = "--run-stages-of-one-run"   # internal: see execute()
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 

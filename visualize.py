@@ -43,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint (ours, the reference's, MAE's)")
     p.add_argument("--images", nargs="+", default=None,
                    help="(image checkpoints) a folder of images, image files (any size), or a dataset as --data_path "
-                        "names it (hf:DIR, WebDataset shards)")
+                        "names it (hf:DIR, WebDataset shards) (default: the built-in digits' validation images)")
     p.add_argument("--videos", nargs="+", default=None,
                    help="(video checkpoints) video files or folders of them (default: the built-in moving digits' "
                         "validation clips)")
@@ -61,9 +61,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_images(inputs: list[str], limit: int) -> list[Image.Image]:
+def load_images(inputs: list[str] | None, limit: int) -> list[Image.Image]:
     """The first `limit` images of the --images: files, folders (searched at any depth), or datasets
-    as --data_path names them (hf:DIR, WebDataset shards; their train split)."""
+    as --data_path names them (hf:DIR, WebDataset shards; their train split); None: the built-in
+    digits' validation images."""
+    if inputs is None:
+        dataset = build_dataset(None, "val", None)
+        return [dataset[i][0] for i in range(min(limit, len(dataset)))]
     images: list[Image.Image] = []
     for item in inputs:
         if item.startswith("hf:") or "{" in item or item.endswith(".tar") or \
@@ -213,8 +217,6 @@ def main(args: argparse.Namespace) -> Path:
     student, teacher, stats = load_networks(args.checkpoint, args.model, args.mask_ratio)
     if student.video:
         return video_figure(args, student, teacher, stats, output)
-    if args.images is None:
-        raise UserError(f"--images: {args.checkpoint} is an image checkpoint; pass --images (a folder or files)")
     if args.videos is not None or args.gif:
         raise UserError(f"--videos / --gif: {args.checkpoint} is an image checkpoint; pass --images")
     size = student.patch_embed.img_size[0]

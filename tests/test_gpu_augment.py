@@ -141,7 +141,7 @@ def test_a_batch_the_decoder_refuses_is_retried_image_by_image(skip, capsys):
                             True, "refused.jpg"), (good[1], 0, True, "good1.jpg")])[0]
     augment = GpuPretrainAugment(16, torch.device("cpu"), skip_bad_images=skip)
     if not skip:
-        with pytest.raises(UserError, match="refused.jpg: the device's JPEG decoder cannot read it .*--bad_images skip"):
+        with pytest.raises(UserError, match="refused.jpg: the device's JPEG decoder cannot read it .*bad_images skip"):
             augment.decode(batch)
         return
     images = augment.decode(batch)

@@ -25,7 +25,8 @@ os.umask(_UMASK)
 FORMAT_PRETRAIN = "hpm-pretrain"
 FORMAT_FINETUNE = "hpm-finetune"
 FORMAT_LINPROBE = "hpm-linprobe"
-SCRIPTS = {FORMAT_PRETRAIN: "main_pretrain.py", FORMAT_FINETUNE: "main_finetune.py", FORMAT_LINPROBE: "main_linprobe.py"}
+SCRIPTS = {FORMAT_PRETRAIN: "main_pretrain.py", FORMAT_FINETUNE: "main_finetune.py",
+           FORMAT_LINPROBE: "main_linprobe.py"}   # which script writes each format
 
 
 def file_sha256(path: str | os.PathLike) -> str:

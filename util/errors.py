@@ -32,4 +32,5 @@ def optional_import(module: str, pip_name: str, what: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"{what} needs the {pip_name} package, which is not installed: pip install {pip_name}") from None
+        raise UserError(f"{what} needs the {pip_name} package, which is not installed: "
+                        f"pip install {pip_name}") from None
