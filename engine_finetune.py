@@ -11,8 +11,17 @@ from torch.utils.tensorboard import SummaryWriter
 
 from engine import Run, Timer, fit, no_timer
 from models_vit import build_classifier, is_video_classifier
-from util.args import (DataDefault, check_augmentation, check_clip_args, check_common, check_output_dir,
-                       default_workers, describe_run, resolve_data_defaults, run_settings)
+from util.args import (
+    DataDefault,
+    check_augmentation,
+    check_clip_args,
+    check_common,
+    check_output_dir,
+    default_workers,
+    describe_run,
+    resolve_data_defaults,
+    run_settings,
+)
 from util.checkpoint import find_resume, finished_run
 from util.data import build_dataset, eval_loader, eval_transform, train_loader
 from util.distributed import is_distributed

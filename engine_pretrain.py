@@ -11,27 +11,36 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid
-from timm.optim import param_groups_weight_decay
 
 import models_hpm
 from engine import Timer, no_timer
 from models_hpm import HPMTeacher, MaskedAutoencoderHPM
-from util.args import (DataDefault, check_common, data_parser, make_parser, model_parser, resolve_data_defaults,
-                       runtime_parser, training_parser, with_data_defaults)
-from util.errors import UserError
-from util.faults import fault_point
+from util.args import (
+    DataDefault,
+    check_common,
+    data_parser,
+    make_parser,
+    model_parser,
+    resolve_data_defaults,
+    runtime_parser,
+    training_parser,
+    with_data_defaults,
+)
 from util.checkpoint import file_sha256
 from util.colormap import heat_colors, normalise_per_image
+from util.errors import UserError
+from util.faults import fault_point
 from util.gpu_augment import GpuPretrainAugment
 from util.masking import mask_policy
 from util.normalization import IMAGENET, Stats
 from util.patches import gather_patches
+from util.precision import autocast
 from util.schedules import teacher_decay, teacher_decay_per_step
 from util.targets import FrozenTarget
 from util.video import normalise_clips
-from util.precision import autocast
 
 log = logging.getLogger("hpm")
 
@@ -330,7 +339,8 @@ class PretrainTask:
 
     def describe(self, record: dict) -> str:
         pred = f", loss_pred {record['train_loss_pred']:.4f}" if "train_loss_pred" in record else ""
-        return f"epoch {record['epoch']} done: recon {record['train_recon']:.4f}{pred}, total {record['train_total']:.4f}"
+        return (f"epoch {record['epoch']} done: recon {record['train_recon']:.4f}{pred}, "
+                f"total {record['train_total']:.4f}")
 
     def log_images(self, writer, epoch: int) -> None:
         """The same images and mask seed every epoch, masked as this epoch's training masks them."""
@@ -389,7 +399,9 @@ def clip_rows(student: MaskedAutoencoderHPM, clips: torch.Tensor, mask: torch.Te
     student.eval()
     out = student(clips[:1], mask[:1])
     student.train(was_training)
-    pixels = (clips[:1].float() * student.pixel_std + student.pixel_mean).clamp(0, 1)
+    std = torch.tensor(stats.std, device=clips.device).view(1, 3, 1, 1, 1)   # what normalised these clips
+    mean = torch.tensor(stats.mean, device=clips.device).view(1, 3, 1, 1, 1)
+    pixels = (clips[:1].float() * std + mean).clamp(0, 1)
     tubelets = student.patchify(pixels)
     visible = (~mask[:1]).unsqueeze(-1)
     rows = [pixels, student.unpatchify(tubelets * visible)]

@@ -21,8 +21,17 @@ from pathlib import Path
 from util.args import HelpFormatter
 from util.checkpoint import load_file, read_weights, save_atomic
 from util.errors import UserError, run_cli
-from util.formats import (architecture, encoder_only, hf_config, hf_video_config, is_video_state, timm_config, to_hf,
-                          to_hf_video, to_videomae)
+from util.formats import (
+    architecture,
+    encoder_only,
+    hf_config,
+    hf_video_config,
+    is_video_state,
+    timm_config,
+    to_hf,
+    to_hf_video,
+    to_videomae,
+)
 from util.logger import setup_logging
 from util.normalization import Stats, downstream_stats
 

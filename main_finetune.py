@@ -16,9 +16,20 @@ from timm.utils import ModelEmaV3
 import models_vit
 from engine_finetune import ClassifierSetup, ClassifierTask, describe_eval, evaluate
 from models_vit import build_classifier
-from util.args import (AUGMENTATION_DEFAULTS, DataDefault, augmentation_parser, clip_parser, data_parser, make_parser,
-                       model_parser, pooling_parser, runtime_parser, training_parser, weights_parser,
-                       with_data_defaults)
+from util.args import (
+    AUGMENTATION_DEFAULTS,
+    DataDefault,
+    augmentation_parser,
+    clip_parser,
+    data_parser,
+    make_parser,
+    model_parser,
+    pooling_parser,
+    runtime_parser,
+    training_parser,
+    weights_parser,
+    with_data_defaults,
+)
 from util.checkpoint import FORMAT_FINETUNE, load_pretrained
 from util.data import finetune_transform
 from util.distributed import cleanup

@@ -10,8 +10,19 @@ import torch
 
 import models_vit
 from models_vit import build_classifier, features, is_video_classifier
-from util.args import (check_clip_args, check_output_dir, clip_parser, data_parser, default_workers, describe_run,
-                       make_parser, model_parser, pooling_parser, runtime_parser, weights_parser)
+from util.args import (
+    check_clip_args,
+    check_output_dir,
+    clip_parser,
+    data_parser,
+    default_workers,
+    describe_run,
+    make_parser,
+    model_parser,
+    pooling_parser,
+    runtime_parser,
+    weights_parser,
+)
 from util.checkpoint import load_file, load_pretrained
 from util.data import build_dataset, eval_loader, eval_transform
 from util.distributed import DistInfo, cleanup, gather_in_order

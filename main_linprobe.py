@@ -12,9 +12,20 @@ import torch.nn as nn
 import models_vit
 from engine_finetune import ClassifierSetup, ClassifierTask, describe_eval, evaluate
 from models_vit import LinearProbe, build_classifier, pooling_name
-from util.args import (AUGMENTATION_DEFAULTS, DataDefault, augmentation_parser, clip_parser, data_parser, make_parser,
-                       model_parser, pooling_parser, runtime_parser, training_parser, weights_parser,
-                       with_data_defaults)
+from util.args import (
+    AUGMENTATION_DEFAULTS,
+    DataDefault,
+    augmentation_parser,
+    clip_parser,
+    data_parser,
+    make_parser,
+    model_parser,
+    pooling_parser,
+    runtime_parser,
+    training_parser,
+    weights_parser,
+    with_data_defaults,
+)
 from util.checkpoint import FORMAT_LINPROBE, load_pretrained, resume_training
 from util.data import probe_transform
 from util.distributed import cleanup

@@ -6,12 +6,18 @@ import logging
 from pathlib import Path
 
 import torch
-from torchvision import transforms
 from torch.utils.tensorboard import SummaryWriter
+from torchvision import transforms
 
 from engine import Run, fit
-from engine_pretrain import (PretrainTask, build_student, build_target, check_pretrain_args, make_optimizer,
-                             pretrain_args_parser)
+from engine_pretrain import (
+    PretrainTask,
+    build_student,
+    build_target,
+    check_pretrain_args,
+    make_optimizer,
+    pretrain_args_parser,
+)
 from util.args import check_output_dir, default_workers, describe_run, run_settings
 from util.checkpoint import FORMAT_PRETRAIN, find_resume, finished_run, load_file
 from util.data import build_dataset, eval_transform, pretrain_transform, train_loader, with_transform

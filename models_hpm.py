@@ -11,8 +11,8 @@ import copy
 import json
 import re
 from contextlib import nullcontext
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Callable, ContextManager, NamedTuple
 
 import torch
@@ -22,10 +22,23 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from util.errors import UserError
-from util.losses import (absolute_loss_prediction, feature_loss, reconstruction_loss, relative_loss_prediction,
-                         relative_loss_prediction_chunked, tubelet_normalised_target)
-from util.masking import (hard_patch_mask, hard_tube_mask, num_masked_patches, num_masked_per_frame, random_mask,
-                          tube_mask, tube_means)
+from util.losses import (
+    absolute_loss_prediction,
+    feature_loss,
+    reconstruction_loss,
+    relative_loss_prediction,
+    relative_loss_prediction_chunked,
+    tubelet_normalised_target,
+)
+from util.masking import (
+    hard_patch_mask,
+    hard_tube_mask,
+    num_masked_patches,
+    num_masked_per_frame,
+    random_mask,
+    tube_mask,
+    tube_means,
+)
 from util.normalization import IMAGENET
 from util.patches import TubeletEmbed, gather_patches, patchify, tubelet_patchify, tubelet_unpatchify, unpatchify
 from util.pos_embed import get_1d_sinusoid_table, get_2d_sincos_pos_embed
@@ -181,7 +194,8 @@ class MaskedAutoencoderHPM(nn.Module):
         tubelets = self.patchify(imgs.float() * self.pixel_std + self.pixel_mean)
         return tubelet_normalised_target(tubelets, self.in_chans) if self.norm_pix_loss else tubelets
 
-    def random_mask(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    def random_mask(self, batch_size: int, device: torch.device,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
         """The mask without a teacher (N, L): uniform for images, a tube mask (or, with mask_type random
         or the token hard unit, uniform per token) for clips."""
         if self.video and (self.mask_type == "tube" if not self.learning_loss else self.hard_unit == "tube"):
@@ -190,7 +204,8 @@ class MaskedAutoencoderHPM(nn.Module):
         return random_mask(batch_size, self.patch_embed.num_patches, self.num_masked, device=device,
                            generator=generator)
 
-    def hard_mask(self, pred_loss: torch.Tensor, alpha: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    def hard_mask(self, pred_loss: torch.Tensor, alpha: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
         """HPM's mask from the predicted losses (N, L): the hardest patches (tubes or tokens) masked."""
         if self.video and self.hard_unit == "tube":
             return hard_tube_mask(pred_loss, self.frames, self.masked_per_frame, alpha, generator=generator)
@@ -296,7 +311,8 @@ class MaskedAutoencoderHPM(nn.Module):
         """(N, 3, H, W) -> (N, L) the loss predictor's output with nothing masked."""
         return self.teacher_pass(imgs)[0]
 
-    def forward_loss(self, imgs: torch.Tensor, out: HPMOutput, target_features: torch.Tensor | None = None) -> HPMLosses:
+    def forward_loss(self, imgs: torch.Tensor, out: HPMOutput,
+                     target_features: torch.Tensor | None = None) -> HPMLosses:
         """Reconstruction loss on the masked patches (pixels, or `target_features` (N, L, C) of a
         teacher), plus the loss-prediction objective for HPM, which ranks that per-patch loss."""
         if target_features is not None:
@@ -505,7 +521,8 @@ def _named(ckpt: dict, override: str | None, path: str) -> str:
     raise UserError(f"{path}: the checkpoint does not name its model; pass --model (e.g. mae_vit_base_patch16)")
 
 
-def _build(path: str, what: str, state: dict, make: Callable[..., MaskedAutoencoderHPM], **kwargs) -> MaskedAutoencoderHPM:
+def _build(path: str, what: str, state: dict, make: Callable[..., MaskedAutoencoderHPM],
+           **kwargs) -> MaskedAutoencoderHPM:
     """The network `make(**kwargs)` with `state` loaded strictly (the fixed position tables and the
     target statistics are the network's own), or a one-line error naming the checkpoint."""
     kwargs["learning_loss"] = "decoder_pred_losspred.weight" in state
@@ -514,7 +531,8 @@ def _build(path: str, what: str, state: dict, make: Callable[..., MaskedAutoenco
         fixed = {k: v for k, v in model.state_dict().items() if k.endswith("pos_embed")}
         model.load_state_dict({**fixed, **state})
     except (ValueError, RuntimeError) as exc:
-        raise UserError(f"{what} {path} does not fit the network it describes ({str(exc).splitlines()[0][:160]})") from None
+        first = str(exc).splitlines()[0][:160]
+        raise UserError(f"{what} {path} does not fit the network it describes ({first})") from None
     return model
 
 
@@ -560,7 +578,8 @@ def load_pretrain_model(path: str, model: str | None = None, teacher: bool = Fal
         state = from_videomae(ckpt["model"])
         proj, dim = state["patch_embed.proj.weight"], state["decoder_embed.weight"].shape[0]
         kwargs = dict(num_frames=16, img_size=224, patch_size=proj.shape[-1], tubelet_size=proj.shape[2],
-                      embed_dim=proj.shape[0], num_heads=_VIDEOMAE_HEADS.get(proj.shape[0], max(1, proj.shape[0] // 64)),
+                      embed_dim=proj.shape[0],
+                      num_heads=_VIDEOMAE_HEADS.get(proj.shape[0], max(1, proj.shape[0] // 64)),
                       depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
                       decoder_embed_dim=dim, decoder_num_heads=_VIDEOMAE_HEADS.get(dim, max(1, dim // 64)),
                       decoder_depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks.")),

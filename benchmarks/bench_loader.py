@@ -49,7 +49,8 @@ def make_source(source: str, folder: str, scratch: Path) -> str:
 
 def reference_loader(data_path: str, args, workers: int) -> torch.utils.data.DataLoader:
     transform = transforms.Compose([
-        transforms.RandomResizedCrop(args.input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(args.input_size, scale=(0.2, 1.0),
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(), transforms.ToTensor(),
         transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     dataset = datasets.ImageFolder(str(Path(data_path) / "train"), transform=transform)

@@ -57,6 +57,7 @@ def random_target_weights(args: argparse.Namespace) -> str:
     import tempfile
 
     import timm
+
     from util.targets import DEFAULT_MODELS
     model = timm.create_model(args.target_model or DEFAULT_MODELS[args.target], pretrained=False,
                               **({"num_classes": 0} if args.target == "dino" else {}))

@@ -48,7 +48,8 @@ def figures(work: Path, name: str) -> dict:
         return {f"{mode} {key}": r[key] for mode, r in bench_rows(result)
                 for key in ("images_per_s", "mfu", "peak_mem_bytes", "iter_s_median")}
     if name.startswith("loader") and path.is_file():
-        return {f"{workers} workers images/s": rate for workers, rate in json.loads(path.read_text())["images_per_s"].items()}
+        rates = json.loads(path.read_text())["images_per_s"]
+        return {f"{workers} workers images/s": rate for workers, rate in rates.items()}
     if name.startswith("decode_"):
         losses = final_losses(work, name)
         return {"recon per epoch": losses} if losses else {}

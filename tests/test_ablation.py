@@ -18,7 +18,6 @@ from util.args import namespace_to_argv
 from util.errors import UserError
 from util.schedules import ema_half_life, teacher_decay, teacher_decay_per_step
 
-
 # ---- the step-unit teacher schedule ----------------------------------------------------------------
 
 @pytest.mark.parametrize("steps_per_epoch", [693, 1250, 40, 3])

@@ -1,10 +1,11 @@
 """The benchmark scripts run end to end on a tiny model and report what BENCHMARKS.md quotes."""
 import json
 import re
+import sys
 
 import pytest
 
-from tests.helpers import run_script
+from tests.helpers import REPO, run_script
 
 KEYS = ("iter_s_median", "images_per_s", "flops_per_iter", "achieved_flops_per_s", "matmul_peak_flops_per_s",
         "mfu", "peak_mem_bytes")
@@ -128,6 +129,7 @@ def test_gpu_acceptance_part_passes_in_its_tiny_cpu_mode_and_fits_what_comes_bac
     import os
     import subprocess
     import tarfile
+
     from tests.helpers import REPO
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "HPM_GPU_CHECK_TINY": "1", "OUT": str(out), "HPM_GPU_WORK": str(work),
@@ -149,7 +151,8 @@ def test_gpu_acceptance_part_passes_in_its_tiny_cpu_mode_and_fits_what_comes_bac
     assert f"all {len(GPU_CHECK_STEPS[part])} steps passed" in res.stdout
     if part == "bench":
         assert summary["steps"][0]["figures"]["MAE peak_mem_bytes"] > 0
-        assert re.search(r"\| bench_vit_b_bs8_eager \| 0 \(0\) \| \d+ \| HPM \d+ images/s, .*MAE \d+ images/s", res.stdout)
+        assert re.search(r"\| bench_vit_b_bs8_eager \| 0 \(0\) \| \d+ \| HPM \d+ images/s, .*MAE \d+ images/s",
+                         res.stdout)
     if part == "e2e":
         assert (work / part / "export_timm" / "model.safetensors").is_file()
         ablation = json.loads((work / part / "ablation" / "results.json").read_text())
@@ -198,3 +201,19 @@ def test_video_decode_benchmark_times_each_decoder_on_the_same_clips(tmp_path):
         assert set(entry["ms_per_clip"]) == decoders and all(t > 0 for t in entry["ms_per_clip"].values())
         if "torchcodec" in decoders:
             assert entry["max_abs_frame_difference"] == 0 and entry["torchcodec_speedup"] > 0
+
+
+def test_same_seed_check_names_every_difference():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from same_seed_check import RUNS, differences
+    base = {name: {"losses": [{"train_total": 1.0, "train_recon": 0.5}], "mask_sha256": "a",
+                   "knn": {"k10_acc1": 50.0, "k20_acc1": 51.0}} for name in RUNS}
+    assert differences(base, json.loads(json.dumps(base))) == []
+    changed = json.loads(json.dumps(base))
+    changed["image_hpm"]["losses"][0]["train_total"] = 1.0 + 1e-4
+    changed["videomae"]["mask_sha256"] = "b"
+    changed["video_hpm_token"]["knn"]["k20_acc1"] = 52.0
+    del changed["image_mae"]
+    found = differences(base, changed)
+    assert len(found) == 4 and found[0].startswith("image_hpm epoch 0 train_total: 1.0 before")
+    assert "image_mae: missing in this run" in found and "videomae: the masks differ" in found

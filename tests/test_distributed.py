@@ -1,19 +1,17 @@
 """Real torchrun (gloo on CPU) and real submitit (its local executor) runs."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import main_pretrain
 from tests.helpers import REPO, run_script
 from util.checkpoint import load_file
 from util.errors import UserError
 from util.launcher import launcher_parser, make_executor, submit
-
-import main_pretrain
 
 # torchrun of this interpreter (its console script is on PATH only in an activated environment)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -172,7 +170,8 @@ def test_scripts_and_the_ablation_import_without_submitit(tmp_path):
     blocker.write_text("raise ImportError('submitit is blocked for this test')\n")
     code = ("import main_ablation, main_pretrain, submitit_pretrain, util.launcher as l, argparse\n"
             "from util.errors import UserError\n"
-            "try:\n    l.make_executor(argparse.Namespace(job_dir='x', ntasks_per_node=1, ngpus=0, cluster='local'), 'n')\n"
+            "try:\n    l.make_executor(argparse.Namespace(job_dir='x', ntasks_per_node=1, ngpus=0, "
+            "cluster='local'), 'n')\n"
             "except UserError as e:\n    print(e)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})

@@ -156,8 +156,10 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, checkpoints,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["out", "truncated.pth", "evil.pth", "decoders_only.pth"])
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    res = run_script("export.py", "--checkpoint", str(paths["ours"]), "--format", "onnx", "--output", str(tmp_path / "e"))
-    assert res.returncode == 2 and res.stderr.strip() == "error: --format onnx: unknown; choose one of mae, timm, hf, videomae"
+    res = run_script("export.py", "--checkpoint", str(paths["ours"]), "--format", "onnx", "--output",
+                     str(tmp_path / "e"))
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: --format onnx: unknown; choose one of mae, timm, hf, videomae"
     assert not (tmp_path / "e").exists()
     export.export(str(paths["ours"]), "timm", str(out), force=True)
     assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()

@@ -19,7 +19,6 @@ import main_finetune
 import main_knn
 import main_linprobe
 import main_pretrain
-from tests.helpers import make_image_folder
 from util.checkpoint import load_file
 
 STATS = ["--mean", "0.4", "0.45", "0.5", "--std", "0.2", "0.25", "0.3"]

@@ -9,8 +9,7 @@ import torch
 
 from tests.helpers import REPO
 from util.losses import absolute_loss_prediction, reconstruction_loss, relative_loss_prediction
-from util.masking import (block_mask, hard_patch_mask, num_masked_patches, random_mask,
-                          regular_mask)
+from util.masking import block_mask, hard_patch_mask, num_masked_patches, random_mask, regular_mask
 from util.patches import patchify, unpatchify
 from util.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_embed
 from util.schedules import cosine_lr, hard_patch_alpha, teacher_decay
@@ -293,6 +292,7 @@ def test_eval_crop_ratio_follows_the_reference():
 def test_probe_crop_is_one_clamped_draw():
     """Every box lies inside the image and equals the single draw of area and log-ratio."""
     from PIL import Image
+
     from util.data import SingleDrawResizedCrop
     img = Image.new("RGB", (40, 30))
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
@@ -313,6 +313,7 @@ def test_default_randaugment_runs_on_the_installed_pillow_including_zero_bit_pos
     import PIL
     from PIL import Image
     from timm.data.auto_augment import RandAugment
+
     from util.data import finetune_transform, posterize_any_bits
     img = Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy())
     assert posterize_any_bits(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
@@ -332,7 +333,8 @@ def test_default_randaugment_runs_on_the_installed_pillow_including_zero_bit_pos
     print(f"RandAugment ran on Pillow {PIL.__version__}")
 
 
-@pytest.mark.parametrize("gpu, capability, expected", [("H100", (9, 0), torch.bfloat16), ("A100", (8, 0), torch.bfloat16),
+@pytest.mark.parametrize("gpu, capability, expected", [("H100", (9, 0), torch.bfloat16),
+                                                       ("A100", (8, 0), torch.bfloat16),
                                                       ("V100", (7, 0), torch.float16), ("T4", (7, 5), torch.float16)])
 def test_amp_auto_picks_native_bf16_or_else_fp16_on_gpus_and_fp32_on_cpu(monkeypatch, gpu, capability, expected):
     """V100 and T4 only emulate bf16 (is_bf16_supported() says yes there): auto takes fp16 on them."""

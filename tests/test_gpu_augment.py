@@ -16,8 +16,14 @@ from torchvision.transforms import v2  # noqa: F401 - transforms.v2 below
 from tests.helpers import REPO, run_script
 from util.data import build_dataset, load_rgb
 from util.errors import UserError
-from util.gpu_augment import (GpuPretrainAugment, JpegBytes, collate_bytes, device_decodable, jpeg_bytes,
-                              sample_crop_boxes)
+from util.gpu_augment import (
+    GpuPretrainAugment,
+    JpegBytes,
+    collate_bytes,
+    device_decodable,
+    jpeg_bytes,
+    sample_crop_boxes,
+)
 from util.normalization import IMAGENET
 
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
@@ -45,7 +51,8 @@ def test_crop_boxes_follow_torchvisions_distribution(height, width):
         return torch.stack([area.mean(), area.std(), torch.log(w / h).mean(), torch.log(w / h).std(),
                             ((top + h / 2) / height).mean(), ((left + w / 2) / width).mean()])
     assert torch.allclose(summary(ours), summary(theirs), atol=0.03), (summary(ours), summary(theirs))
-    full = lambda b: (b[:, 2] * b[:, 3] == (b[:, 2] * b[:, 3]).max()).double().mean()   # fallback share
+    def full(b):   # the fallback's share
+        return (b[:, 2] * b[:, 3] == (b[:, 2] * b[:, 3]).max()).double().mean()
     assert abs(full(ours) - full(theirs)) < 0.03
 
 
@@ -258,8 +265,9 @@ def test_batched_resized_crops_equal_torchvisions_per_image_resize(monkeypatch, 
     """The batch's crops resized at once equal torchvision's antialiased bicubic resized_crop of each
     image on its own, rounded (all but rounding ties exactly), up- and downscaling: the float path,
     which is what torchvision runs for uint8 images on CUDA (its fixed-point uint8 kernels are the CPU's)."""
-    import util.gpu_augment as gpu_augment
     from torchvision.transforms.v2 import functional as TF
+
+    import util.gpu_augment as gpu_augment
     monkeypatch.setattr(gpu_augment, "PIXELS_PER_GROUP", pixels_per_group)
     rng = np.random.RandomState(0)
     sizes = [(60, 80), (90, 45), (24, 24), (200, 130), (31, 57)]

@@ -94,3 +94,18 @@ def test_loader_workers_follow_the_machine(monkeypatch):
     assert default_workers("cuda") == 5             # 6 CPUs per process, one kept
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)))   # SLURM's per-task cpuset
     assert default_workers("cuda") == 3
+
+
+def test_a_clip_figure_shows_its_input_in_the_statistics_it_was_normalised_with():
+    """visualize.py builds the network from the checkpoint (ImageNet's statistics inside it) and passes the
+    run's own (--norm dataset, --mean/--std): the input row must come back in the input's own colours."""
+    from engine_pretrain import clip_rows
+    from util.normalization import Stats
+    torch.manual_seed(0)
+    student = models_hpm.create_pretrain_model("videomae_vit_tiny_patch4").eval()
+    pixels = torch.rand(1, 3, 16, 32, 32)
+    own = Stats((0.3, 0.3, 0.3), (0.35, 0.35, 0.35))
+    clips = (pixels - torch.tensor(own.mean).view(1, 3, 1, 1, 1)) / torch.tensor(own.std).view(1, 3, 1, 1, 1)
+    mask = student.random_mask(1, clips.device, torch.Generator().manual_seed(0))
+    rows = clip_rows(student, clips, mask, None, own, every=4)
+    torch.testing.assert_close(rows[0], pixels[0].permute(1, 0, 2, 3)[::4], atol=1e-6, rtol=0)

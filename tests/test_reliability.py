@@ -96,7 +96,8 @@ def test_sigkill_at_random_moments(tmp_path):
 
 def _state(path):
     ckpt = load_file(path)
-    return {f"{part}.{k}": v for part in ("model", "teacher", "model_ema") if ckpt.get(part) for k, v in ckpt[part].items()}
+    return {f"{part}.{k}": v for part in ("model", "teacher", "model_ema") if ckpt.get(part)
+            for k, v in ckpt[part].items()}
 
 
 def _assert_identical(a, b):
@@ -142,7 +143,8 @@ def test_finetune_resume_is_bit_identical(tmp_path, pretrained_checkpoint):
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     make_image_folder(tmp_path / "data", classes=2, per_class=8, size=32)
     out = tmp_path / "out"
-    common = ["--data_path", str(tmp_path / "data"), "--batch_size", "8", "--num_workers", "0", "--output_dir", str(out),
+    common = ["--data_path", str(tmp_path / "data"), "--batch_size", "8", "--num_workers", "0",
+              "--output_dir", str(out),
               "--print_freq", "1", "--warmup_epochs", "0", "--clip_grad", "0"]
     assert run_script("main_pretrain.py", *common, "--epochs", "1").returncode == 0
     before = (out / "checkpoint-last.pth").read_bytes()

@@ -18,8 +18,14 @@ from util.distributed import DistInfo
 from util.errors import UserError
 from util.normalization import IMAGENET, Stats
 from util.rng import seed_all
-from util.video import (ClipSampling, FinetuneClipTransform, RepeatedAugment, ClipViews, clip_dataset,
-                        stacked_views_collate)
+from util.video import (
+    ClipSampling,
+    ClipViews,
+    FinetuneClipTransform,
+    RepeatedAugment,
+    clip_dataset,
+    stacked_views_collate,
+)
 
 TINY = "video_vit_tiny_patch4"
 
@@ -61,7 +67,8 @@ def _videomae_layout(state: dict, prefix: bool) -> dict:
     """Our encoder keys in VideoMAE's own layout: q_bias / v_bias (and, for its pretraining file, the
     encoder./decoder. prefixes); no position table."""
     out = {}
-    renames = (("blocks.", "encoder.blocks."), ("decoder_blocks.", "decoder.blocks."), ("decoder_norm.", "decoder.norm."),
+    renames = (("blocks.", "encoder.blocks."), ("decoder_blocks.", "decoder.blocks."),
+               ("decoder_norm.", "decoder.norm."),
                ("decoder_pred.", "decoder.head."), ("decoder_embed.", "encoder_to_decoder."),
                ("patch_embed.", "encoder.patch_embed."), ("norm.", "encoder.norm.")) if prefix else ()
     for key, value in state.items():
@@ -311,7 +318,8 @@ def test_multi_view_testing_averages_every_view_of_each_video_once(video_data):
             size = (32, round(w * 32 / h)) if h <= w else (round(h * 32 / w), 32)
             clip = F.interpolate(clip, size=size, mode="bilinear", align_corners=False)
             for where in (0.0, 0.5, 1.0):
-                top, left = round((size[0] - 32) * (where if h > w else 0.5)), round((size[1] - 32) * (where if h <= w else 0.5))
+                top = round((size[0] - 32) * (where if h > w else 0.5))
+                left = round((size[1] - 32) * (where if h <= w else 0.5))
                 view = (clip[:, :, top:top + 32, left:left + 32] - mean) / std
                 with torch.no_grad():
                     probs.append(model(view[None]).softmax(-1)[0])
@@ -377,8 +385,9 @@ def test_knn_and_linear_probe_take_video_checkpoints(video_data, tmp_path):
 
 
 def test_the_figure_of_clips_and_its_animation(tmp_path, video_data):
-    import visualize
     from PIL import Image
+
+    import visualize
     path, _, _ = _ours(tmp_path)
     out = visualize.main(visualize.get_args_parser().parse_args(
         ["--checkpoint", str(path), "--output", str(tmp_path / "files.png"), "--videos", str(video_data / "v"),
@@ -423,7 +432,8 @@ def test_fine_tuning_a_pretrained_video_encoder_beats_a_single_frame(tmp_path):
     res = run_script("main_finetune.py", "--model", TINY, "--num_frames", "8", "--eval", "--resume",
                      str(tmp_path / "clips" / "checkpoint-last.pth"), "--num_workers", "0")
     assert res.returncode == 0 and f"top-1 {top1['clips']:.2f}%" in res.stdout, res.stdout[-1000:] + res.stderr[-1000:]
-    res = run_script("main_knn.py", "--model", TINY, "--num_frames", "8", "--finetune", str(pre / "checkpoint-last.pth"),
+    res = run_script("main_knn.py", "--model", TINY, "--num_frames", "8",
+                     "--finetune", str(pre / "checkpoint-last.pth"),
                      "--num_workers", "0", "--nb_knn", "20", "--output_dir", str(tmp_path / "knn"))
     assert res.returncode == 0, res.stderr[-2000:]
     knn = json.loads((tmp_path / "knn" / "log_knn.txt").read_text())["k20_acc1"]

@@ -14,8 +14,17 @@ from tests.helpers import run_script, write_video
 from util.data import SkipBadImages
 from util.errors import UserError
 from util.rng import seed_all
-from util.video import (BadVideoError, ClipTransform, MovingDigitsClips, build_clip_dataset, decode_frames,
-                        multiscale_crop_box, resolve_video_decoder, sample_indices, torchcodec_error)
+from util.video import (
+    BadVideoError,
+    ClipTransform,
+    MovingDigitsClips,
+    build_clip_dataset,
+    decode_frames,
+    multiscale_crop_box,
+    resolve_video_decoder,
+    sample_indices,
+    torchcodec_error,
+)
 
 needs_torchcodec = pytest.mark.skipif(torchcodec_error() is not None,
                                       reason=f"torchcodec does not load here ({torchcodec_error()})")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from util.losses import relative_loss_prediction, relative_loss_prediction_chunked, tubelet_normalised_target
-from util.masking import hard_patch_mask, hard_tube_mask, num_masked_per_frame, tube_means, tube_mask
+from util.masking import hard_patch_mask, hard_tube_mask, num_masked_per_frame, tube_mask, tube_means
 from util.patches import tubelet_patchify, tubelet_unpatchify
 from util.pos_embed import get_1d_sinusoid_table
 

@@ -65,7 +65,8 @@ def show(value: Any) -> str:
 
 def make_parser(description: str, parents: list[argparse.ArgumentParser], add_help: bool = True,
                 **defaults) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, add_help=add_help, parents=parents, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=description, add_help=add_help, parents=parents,
+                                formatter_class=HelpFormatter)
     p.set_defaults(**defaults)
     return p
 
@@ -148,7 +149,8 @@ def data_parser() -> argparse.ArgumentParser:
                    help="an unreadable image stops the run (naming the file), or is skipped with a warning")
     g.add_argument("--video_decoder", choices=["auto", "pyav", "torchcodec"], default="auto",
                    help="videos of a --data_path list file: torchcodec (needs the system's FFmpeg libraries) or "
-                        "PyAV (needs nothing more); auto: torchcodec where it loads, else PyAV (the same frames but for "
+                        "PyAV (needs nothing more); auto: torchcodec where it loads, else PyAV (the same frames but "
+                        "for "
                         "odd frame sizes, whose colour conversion can differ by a few levels)")
     g.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
                    help="per-channel mean to normalise with (with --std); default: pretraining, ImageNet's (or the "

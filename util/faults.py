@@ -1,16 +1,17 @@
 """Fault injection at named points, for tests that must kill or stop a process at an exact moment
 instead of after a sleep.
 
-`HPM_FAULT="point=NAME,at=N,action=ACTION[,rank=R]"` makes the process act the N-th time (default
-1) it reaches point NAME (on rank R only, if given). Actions: a signal name (SIGKILL, SIGTERM,
-SIGUSR1, SIGUSR2, ...) sent to the process itself, `oserror` (raise ENOSPC), `error` (raise a
-RuntimeError) or `hang` (sleep for an hour). With `to=parent` the signal goes to the parent process (e.g. the submitit job of an
-ablation run) and the process then waits for the parent's SIGTERM and handles it right there, so
-that the stop it asks for lands at this point. With `once=PATH` the fault fires only if PATH does not exist yet, and creates it (so a
-resumed or requeued process with the same environment runs on). Points: `step` (after each training micro-step), `save` (a checkpoint's temporary file is
-written, before it is renamed), `write` (just before a checkpoint's bytes are written), `end_epoch`
-(an epoch's training is saved; its evaluation and pictures come next), `picture` (pretraining's
-tensorboard picture is drawn).
+`HPM_FAULT="point=NAME,at=N,action=ACTION[,rank=R]"` makes the process act the N-th time (default 1)
+it reaches point NAME (on rank R only, if given). Actions: a signal name (SIGKILL, SIGTERM, SIGUSR1,
+SIGUSR2, ...) sent to the process itself, `oserror` (raise ENOSPC), `error` (raise a RuntimeError)
+or `hang` (sleep for an hour). With `to=parent` the signal goes to the parent process (e.g. the
+submitit job of an ablation run) and the process then waits for the parent's SIGTERM and handles it
+right there, so that the stop it asks for lands at this point. With `once=PATH` the fault fires only
+if PATH does not exist yet, and creates it (so a resumed or requeued process with the same
+environment runs on). Points: `step` (after each training micro-step), `save` (a checkpoint's
+temporary file is written, before it is renamed), `write` (just before a checkpoint's bytes are
+written), `end_epoch` (an epoch's training is saved; its evaluation and pictures come next),
+`picture` (pretraining's tensorboard picture is drawn).
 Without the variable every point is a no-op.
 """
 import errno

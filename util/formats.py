@@ -188,8 +188,10 @@ def from_hf_pretraining(state: dict, video: bool) -> dict:
         out["cls_token"], out["pos_embed"] = enc["embeddings.cls_token"], enc["embeddings.position_embeddings"]
     if video and "encoder_to_decoder.weight" in state:
         out.update({"decoder_embed.weight": state["encoder_to_decoder.weight"], "mask_token": state["mask_token"],
-                    "decoder_norm.weight": state["decoder.norm.weight"], "decoder_norm.bias": state["decoder.norm.bias"],
-                    "decoder_pred.weight": state["decoder.head.weight"], "decoder_pred.bias": state["decoder.head.bias"],
+                    "decoder_norm.weight": state["decoder.norm.weight"],
+                    "decoder_norm.bias": state["decoder.norm.bias"],
+                    "decoder_pred.weight": state["decoder.head.weight"],
+                    "decoder_pred.bias": state["decoder.head.bias"],
                     **_hf_layers(state, "decoder.decoder_layers.", "decoder_blocks.")})
     elif not video and "decoder.decoder_embed.weight" in state:
         out.update({f"decoder_{n}.{kind}": state[f"decoder.decoder_{n}.{kind}"]

@@ -1,9 +1,10 @@
 """Patch masks for masked image and video modeling.
 
 Every function returns a boolean (N, L) tensor, True = masked, on the device of its input, with
-exactly `num_masked` masked patches per image (per clip: `frames` x `masked_per_frame` for the
-tube masks, whose token index is t * S + s for S spatial positions, time slowest). They draw from an optional `torch.Generator`
-(which must live on that device), loop over no images and never read values back to the host.
+exactly `num_masked` masked patches per image (per clip: `frames` x `masked_per_frame` for the tube
+masks, whose token index is t * S + s for S spatial positions, time slowest). They draw from an
+optional `torch.Generator` (which must live on that device), loop over no images and never read
+values back to the host.
 """
 import math
 

@@ -93,7 +93,8 @@ def index_shard(path: Path, number: int) -> list[ShardSample]:
                     continue
                 stem, ext = name.split(".", 1)
                 groups.setdefault(os.path.join(folder, stem), {})[ext.lower()] = member
-            labels = {key: tar.extractfile(members["cls"]).read() for key, members in groups.items() if "cls" in members}
+            labels = {key: tar.extractfile(members["cls"]).read() for key, members in groups.items()
+                      if "cls" in members}
     except (tarfile.TarError, OSError) as exc:
         raise UserError(f"{path}: not a readable tar shard ({exc}); re-create it (benchmarks/make_shards.py)") from None
     samples = []

@@ -152,7 +152,8 @@ def resolve_video_decoder(name: str) -> str:
     error = torchcodec_error() if name != "pyav" else None
     if name == "torchcodec" and error:
         raise UserError(f"--video_decoder torchcodec: it does not load here ({error}); install it and the system's "
-                        f"FFmpeg libraries (pip install torchcodec; apt-get install ffmpeg), or use --video_decoder pyav")
+                        f"FFmpeg libraries (pip install torchcodec; apt-get install ffmpeg), or use "
+                        f"--video_decoder pyav")
     return "pyav" if name == "pyav" or error else "torchcodec"
 
 
@@ -374,7 +375,8 @@ class FinetuneClipTransform(ClipNormalisation):
             self.augment = rand_augment_transform(aa, {"translate_const": int(size * 0.45), "img_mean": img_mean})
             posterize_safely(self.augment)
         self.box = RandomResizedCrop.get_params
-        self.erase = RandomErasing(reprob, mode=remode, max_count=recount, num_splits=0, device="cpu") if reprob else None
+        self.erase = (RandomErasing(reprob, mode=remode, max_count=recount, num_splits=0, device="cpu") if reprob
+                      else None)
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
         if self.augment is not None:
