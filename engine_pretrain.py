@@ -310,7 +310,7 @@ class PretrainTask:
         features, pred_loss = self.targets(imgs, epoch, timer)
         mask = self.mask(imgs, epoch, self.mask_generator, timer, pred_loss)
         with timer("forward"), self.precision():
-            losses = self.student.forward_loss(imgs, self.model(imgs, mask), features)
+            losses = self.student.forward_loss(imgs, self.model(imgs, mask), features, self.stats)
         values = {"total": losses.total, "recon": losses.recon}
         if losses.loss_pred is not None:
             values["loss_pred"] = losses.loss_pred
@@ -417,8 +417,9 @@ def clip_rows(student: MaskedAutoencoderHPM, clips: torch.Tensor, mask: torch.Te
     rows = [row[0].permute(1, 0, 2, 3)[list(frames)] for row in rows]       # (frames, 3, H, W)
     if pred_loss is not None:
         g = student.grid_size
-        heat = normalise_per_image(pred_loss[:1]).view(student.frames, g, g)
-        heat = heat_colors(heat[[f // student.tubelet_size for f in frames]]).permute(0, 3, 1, 2)
+        layout = student.layout
+        heat = normalise_per_image(pred_loss[:1]).view(layout.frames, g, g)
+        heat = heat_colors(heat[[f // layout.tubelet_size for f in frames]]).permute(0, 3, 1, 2)
         rows.append(torch.nn.functional.interpolate(heat, size=clips.shape[-2:], mode="nearest"))
     return rows
 

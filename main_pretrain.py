@@ -86,7 +86,6 @@ def main(args: argparse.Namespace) -> PretrainTask | None:
         dataset = build_dataset(args.data_path, "train", None, args.bad_images, labelled=False,
                                 image_column=args.image_column, label_column=args.label_column)
     stats = pretraining_stats(args, dataset, student.video)
-    student.set_pixel_stats(stats.mean, stats.std)
     train_transform = (ClipTransform(args.input_size, stats, as_uint8=True) if student.video
                        else pretrain_transform(args.input_size, stats))
     dataset = with_transform(dataset, train_transform)

@@ -18,30 +18,13 @@ from typing import Callable, ContextManager, NamedTuple
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from util.errors import UserError
-from util.losses import (
-    absolute_loss_prediction,
-    feature_loss,
-    reconstruction_loss,
-    relative_loss_prediction,
-    relative_loss_prediction_chunked,
-    tubelet_normalised_target,
-)
-from util.masking import (
-    hard_patch_mask,
-    hard_tube_mask,
-    num_masked_patches,
-    num_masked_per_frame,
-    random_mask,
-    tube_mask,
-    tube_means,
-)
-from util.normalization import IMAGENET
-from util.patches import TubeletEmbed, gather_patches, patchify, tubelet_patchify, tubelet_unpatchify, unpatchify
-from util.pos_embed import get_1d_sinusoid_table, get_2d_sincos_pos_embed
+from util.layout import MASK_UNITS, ClipLayout, ImageLayout
+from util.losses import absolute_loss_prediction, feature_loss, reconstruction_loss
+from util.normalization import IMAGENET, Stats
+from util.patches import gather_patches
 from util.registry import ModelRegistry
 from util.schedules import ema_half_life, hard_patch_alpha, teacher_decay
 
@@ -67,11 +50,20 @@ def _blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, eps: float =
     return nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
 
 
-HARD_UNITS = ("tube", "token")
+HARD_UNITS = MASK_UNITS
+
+
+def token_layout(img_size: int, patch_size: int, in_chans: int, mask_ratio: float, num_frames: int | None,
+                 tubelet_size: int, unit: str) -> ImageLayout:
+    """The layout of the network's input: images, or (`num_frames`) clips masked in `unit`."""
+    if num_frames is None:
+        return ImageLayout(img_size, patch_size, in_chans, mask_ratio)
+    return ClipLayout(img_size, patch_size, in_chans, mask_ratio, num_frames, tubelet_size, unit)
 
 
 class MaskedAutoencoderHPM(nn.Module):
-    """ViT encoder, reconstructor decoder and (HPM only) a loss-predictor decoder of equal shape."""
+    """ViT encoder, reconstructor decoder and (HPM only) a loss-predictor decoder of equal shape.
+    What differs between images and clips is asked of `layout` (util.layout), never branched on."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 1024, depth: int = 24, num_heads: int = 16,
@@ -82,15 +74,15 @@ class MaskedAutoencoderHPM(nn.Module):
                  hard_unit: str = "tube", mask_type: str = "tube", norm_eps: float = 1e-6,
                  decoder_norm_eps: float = 1e-6, grad_checkpointing: bool = False) -> None:
         """`num_frames` (None: images): clips of that many frames, tokenised in `tubelet_size` x
-        patch x patch tubelets; `hard_unit` (video HPM) ranks tubes or tokens, `mask_type` (video,
-        the loss predictor off) draws tube or per-token random masks. `norm_eps` / `decoder_norm_eps`:
-        the LayerNorms' (1e-6 in MAE and VideoMAE; other values only to load transformers' models)."""
+        patch x patch tubelets; their masking unit is `hard_unit` (tube or token) for HPM and, with
+        the loss predictor off, `mask_type` (tube, or random: per token). `norm_eps` /
+        `decoder_norm_eps`: the LayerNorms' (1e-6 in MAE and VideoMAE; other values only to load
+        transformers' models)."""
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"input size {img_size} is not divisible by the patch size {patch_size}: "
-                             f"use a multiple of {patch_size} (--input_size)")
         if hard_unit not in HARD_UNITS or mask_type not in ("tube", "random"):
             raise ValueError(f"hard_unit {hard_unit!r} / mask_type {mask_type!r}: use tube or token / tube or random")
+        unit = hard_unit if learning_loss else {"tube": "tube", "random": "token"}[mask_type]
+        self.layout = token_layout(img_size, patch_size, in_chans, mask_ratio, num_frames, tubelet_size, unit)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
@@ -98,63 +90,44 @@ class MaskedAutoencoderHPM(nn.Module):
         self.relative = relative
         self.vis_mask_ratio = vis_mask_ratio
         self.target_dim = target_dim          # None: pixels; else the width of the feature target
-        self.video = num_frames is not None
-        self.tubelet_size, self.hard_unit, self.mask_type = tubelet_size, hard_unit, mask_type
         self.grad_checkpointing = grad_checkpointing
+        self.hard_unit, self.mask_type = hard_unit, mask_type   # as built (their unit is the layout's)
+        # what the training code reads of the layout, as values
+        self.video, self.num_prefix = self.layout.video, self.layout.num_prefix
+        self.grid_size, self.num_masked = self.layout.grid_size, self.layout.num_masked
         norm = partial(nn.LayerNorm, eps=norm_eps)
 
-        if self.video:
-            self.patch_embed = TubeletEmbed(img_size, patch_size, in_chans, embed_dim, num_frames=num_frames,
-                                            tubelet_size=tubelet_size)
-            self.frames, self.num_spatial = self.patch_embed.frames, self.patch_embed.grid_size[0] ** 2
-            self.masked_per_frame = num_masked_per_frame(self.num_spatial, mask_ratio)
-            self.num_masked = self.frames * self.masked_per_frame
-        else:
-            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-            self.num_masked = num_masked_patches(self.patch_embed.num_patches, mask_ratio)
-        self.grid_size = self.patch_embed.grid_size[0]
-        num_patches = self.patch_embed.num_patches
-        self.num_prefix = 0 if self.video else 1          # the class token (VideoMAE has none)
-        if not self.video:
+        self.patch_embed = self.layout.embedding(embed_dim)
+        num_tokens = self.num_prefix + self.layout.num_patches
+        if self.num_prefix:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix, embed_dim), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim), requires_grad=False)
         if vis_mask_ratio > 0:
             self.vis_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio, norm_eps)
         self.norm = norm(embed_dim)
 
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=not self.video)
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=self.num_prefix > 0)   # VideoMAE's has none
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix, decoder_embed_dim),
-                                              requires_grad=False)
-        patch_dim = patch_size * patch_size * in_chans * (tubelet_size if self.video else 1)
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_tokens, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = _blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_eps)
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=decoder_norm_eps)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, target_dim or patch_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, target_dim or self.layout.patch_dim)
         if learning_loss:
             self.decoder_blocks_losspred = _blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio,
                                                    norm_eps)
             self.decoder_norm_losspred = nn.LayerNorm(decoder_embed_dim, eps=decoder_norm_eps)
-            self.decoder_pred_losspred = nn.Linear(decoder_embed_dim, patch_dim)
-        # the statistics the clips are normalised with: VideoMAE's target is the un-normalised clip
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET.mean).view(1, 3, 1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET.std).view(1, 3, 1, 1, 1), persistent=False)
+            self.decoder_pred_losspred = nn.Linear(decoder_embed_dim, self.layout.patch_dim)
         self.initialize_weights()
 
-    def set_pixel_stats(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        """The normalisation of the input (what the video target un-normalises with)."""
-        self.pixel_mean.copy_(torch.tensor(mean).view(1, 3, 1, 1, 1))
-        self.pixel_std.copy_(torch.tensor(std).view(1, 3, 1, 1, 1))
+    @property
+    def masked_per_frame(self) -> int:
+        """Clips: masked tokens per temporal position (a tube mask's tubes)."""
+        return self.layout.masked_per_frame
 
     def initialize_weights(self) -> None:
-        if self.video:
-            self.pos_embed.data.copy_(get_1d_sinusoid_table(self.patch_embed.num_patches, self.pos_embed.shape[-1]))
-            self.decoder_pos_embed.data.copy_(get_1d_sinusoid_table(self.patch_embed.num_patches,
-                                                                    self.decoder_pos_embed.shape[-1]))
-        else:
-            self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size))
-            self.decoder_pos_embed.data.copy_(get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1],
-                                                                      self.grid_size))
+        self.pos_embed.data.copy_(self.layout.position_table(self.pos_embed.shape[-1]))
+        self.decoder_pos_embed.data.copy_(self.layout.position_table(self.decoder_pos_embed.shape[-1]))
         proj = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
         for token in (getattr(self, "cls_token", None), self.mask_token, getattr(self, "vis_mask_token", None)):
@@ -174,42 +147,26 @@ class MaskedAutoencoderHPM(nn.Module):
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, L, p*p*3); clips (N, 3, T, H, W) -> (N, L, t*p*p*3)"""
-        if self.video:
-            return tubelet_patchify(imgs, self.tubelet_size, self.patch_size)
-        return patchify(imgs, self.patch_size)
+        return self.layout.patchify(imgs)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
-        """(N, L, p*p*3) -> (N, 3, H, W); (N, L, t*p*p*3) -> (N, 3, T, H, W)"""
-        if self.video:
-            return tubelet_unpatchify(patches, self.tubelet_size, self.patch_size,
-                                      (self.frames, self.grid_size, self.grid_size), self.in_chans)
-        return unpatchify(patches, self.patch_size, self.in_chans)
+        """The inverse of `patchify`."""
+        return self.layout.unpatchify(patches)
 
-    def pixel_target(self, imgs: torch.Tensor) -> torch.Tensor:
-        """What the reconstructor predicts at every token: for images the normalised patches (MAE's
-        norm-pix is applied in the loss), for clips VideoMAE's: the un-normalised clip's tubelets,
-        each channel of each tubelet standardised with norm_pix_loss. (N, L, P)"""
-        if not self.video:
-            return self.patchify(imgs)
-        tubelets = self.patchify(imgs.float() * self.pixel_std + self.pixel_mean)
-        return tubelet_normalised_target(tubelets, self.in_chans) if self.norm_pix_loss else tubelets
+    def pixel_target(self, imgs: torch.Tensor, stats: Stats = IMAGENET) -> torch.Tensor:
+        """What the reconstructor predicts at every token (N, L, P), for inputs normalised with `stats`
+        (the layout's: MAE's normalised patches, or VideoMAE's un-normalised tubelets)."""
+        return self.layout.pixel_target(imgs, self.norm_pix_loss, stats)
 
     def random_mask(self, batch_size: int, device: torch.device,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """The mask without a teacher (N, L): uniform for images, a tube mask (or, with mask_type random
-        or the token hard unit, uniform per token) for clips."""
-        if self.video and (self.mask_type == "tube" if not self.learning_loss else self.hard_unit == "tube"):
-            return tube_mask(batch_size, self.frames, self.num_spatial, self.masked_per_frame, device=device,
-                             generator=generator)
-        return random_mask(batch_size, self.patch_embed.num_patches, self.num_masked, device=device,
-                           generator=generator)
+        """The mask without a teacher (N, L), uniform in the layout's masking unit."""
+        return self.layout.random_mask(batch_size, device, generator)
 
     def hard_mask(self, pred_loss: torch.Tensor, alpha: float,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-        """HPM's mask from the predicted losses (N, L): the hardest patches (tubes or tokens) masked."""
-        if self.video and self.hard_unit == "tube":
-            return hard_tube_mask(pred_loss, self.frames, self.masked_per_frame, alpha, generator=generator)
-        return hard_patch_mask(pred_loss, self.num_masked, alpha, generator=generator)
+        """HPM's mask from the predicted losses (N, L): the hardest units (patches, tubes, tokens) masked."""
+        return self.layout.hard_mask(pred_loss, alpha, generator)
 
     def mask_order(self, mask: torch.Tensor) -> torch.Tensor:
         """(N, L) bool -> (N, L) patch indices: visible ones ascending, then masked ones ascending."""
@@ -311,34 +268,23 @@ class MaskedAutoencoderHPM(nn.Module):
         """(N, 3, H, W) -> (N, L) the loss predictor's output with nothing masked."""
         return self.teacher_pass(imgs)[0]
 
-    def forward_loss(self, imgs: torch.Tensor, out: HPMOutput,
-                     target_features: torch.Tensor | None = None) -> HPMLosses:
-        """Reconstruction loss on the masked patches (pixels, or `target_features` (N, L, C) of a
-        teacher), plus the loss-prediction objective for HPM, which ranks that per-patch loss."""
+    def forward_loss(self, imgs: torch.Tensor, out: HPMOutput, target_features: torch.Tensor | None = None,
+                     stats: Stats = IMAGENET) -> HPMLosses:
+        """Reconstruction loss on the masked patches (pixels of inputs normalised with `stats`, or
+        `target_features` (N, L, C) of a teacher), plus the loss-prediction objective for HPM, which
+        ranks that per-patch loss in the layout's unit (patches, tubes or tokens)."""
         if target_features is not None:
             recon, per_patch = feature_loss(out.pred, gather_patches(target_features, out.ids_masked))
         else:
-            recon, per_patch = reconstruction_loss(out.pred, gather_patches(self.pixel_target(imgs), out.ids_masked),
-                                                   self.norm_pix_loss and not self.video)
+            target = gather_patches(self.pixel_target(imgs, stats), out.ids_masked)
+            norm_pix = self.norm_pix_loss and self.layout.norm_pix_in_loss
+            recon, per_patch = reconstruction_loss(out.pred, target, norm_pix)
         if out.loss_pred is None:
             return HPMLosses(recon, recon, None, per_patch)
-        return HPMLosses(*self._with_objective(recon, out.loss_pred, per_patch))
-
-    def _with_objective(self, recon: torch.Tensor, loss_pred: torch.Tensor, per_patch: torch.Tensor):
-        """The loss-prediction objective on the masked patches' losses: per tube (the tokens' losses and
-        predictions averaged over time) or per token for clips, chunked so that the 1408 x 1408 pairs of a
-        clip fit; per patch for images."""
-        if self.video and self.hard_unit == "tube":
-            pred, target = tube_means(loss_pred, self.frames), tube_means(per_patch, self.frames)
-        else:
-            pred, target = loss_pred, per_patch
-        if not self.relative:
-            objective = absolute_loss_prediction(pred, target)
-        elif self.video and self.hard_unit == "token":
-            objective = relative_loss_prediction_chunked(pred, target)
-        else:
-            objective = relative_loss_prediction(pred, target)
-        return recon + objective, recon, objective, per_patch
+        pred, target = self.layout.ranking_units(out.loss_pred), self.layout.ranking_units(per_patch)
+        objective = (self.layout.relative_objective(pred, target) if self.relative
+                     else absolute_loss_prediction(pred, target))
+        return HPMLosses(recon + objective, recon, objective, per_patch)
 
 
 class HPMTeacher:
@@ -371,9 +317,8 @@ class HPMTeacher:
         return hard_patch_alpha(epoch, self.epochs)
 
     def num_hard(self, epoch: int) -> int:
-        """Patches (tubes, for the tube hard unit) chosen as hard in `epoch`."""
-        unit = self.model.masked_per_frame if self.model.video and self.model.hard_unit == "tube" else self.num_masked
-        return int(unit * self.alpha(epoch)) if self.has_loss_predictor else 0
+        """Units (patches, tubes or tokens: the layout's) chosen as hard in `epoch`."""
+        return self.model.layout.num_hard(self.alpha(epoch)) if self.has_loss_predictor else 0
 
     def scalars(self, epoch: int) -> dict[str, float]:
         values = {"teacher_decay": self.decay(epoch), "teacher_half_life_steps": ema_half_life(self.decay(epoch))}
@@ -599,6 +544,7 @@ def load_pretrain_model(path: str, model: str | None = None, teacher: bool = Fal
     for key in ("mask_ratio", "hard_unit", "mask_type"):
         if args.get(key) is not None:
             kwargs[key] = args[key]
-    grid = round(((state["pos_embed"].shape[1] - probe.num_prefix) / getattr(probe, "frames", 1)) ** 0.5)
+    temporal = probe.layout.num_patches // probe.grid_size ** 2   # token positions in time: 1 for images
+    grid = round(((state["pos_embed"].shape[1] - probe.num_prefix) / temporal) ** 0.5)
     kwargs.update(img_size=grid * probe.patch_size, **overrides)
     return _build(path, what, state, lambda **kw: create_pretrain_model(name, **kw), **kwargs)

@@ -1,6 +1,7 @@
 """The per-channel mean and std that every transform normalises with: ImageNet's by default, the
 training set's own with `--norm dataset`, or explicit `--mean/--std`. Pretraining stores them in
 its checkpoints, and fine-tuning, probing, kNN and the export read them from there."""
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -30,8 +31,19 @@ class Stats:
     def close_to(self, other: "Stats", tol: float = 1e-4) -> bool:
         return all(abs(a - b) <= tol for a, b in zip(self.mean + self.std, other.mean + other.std))
 
+    def tensors(self, device: torch.device, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std as float32 tensors of shape (1, C, 1, ...) with `dims` dimensions on `device`,
+        made once per device: a step that un-normalises does no host-to-device copy."""
+        return _stat_tensors(tuple(self.mean), tuple(self.std), torch.device(device), dims)
+
 
 IMAGENET = Stats(tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+
+
+@functools.lru_cache(maxsize=16)
+def _stat_tensors(mean: tuple, std: tuple, device: torch.device, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, len(mean)) + (1,) * (dims - 2)
+    return torch.tensor(mean, device=device).view(shape), torch.tensor(std, device=device).view(shape)
 
 
 def explicit_stats(mean: list[float] | None, std: list[float] | None) -> Stats | None:

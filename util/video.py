@@ -331,8 +331,7 @@ class ClipTransform(ClipNormalisation):
 
 def normalise_clips(clips: torch.Tensor, stats: Stats) -> torch.Tensor:
     """uint8 (N, 3, T, H, W) clips (ClipTransform's `as_uint8`), on any device -> normalised float32."""
-    mean = torch.tensor(stats.mean, device=clips.device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(stats.std, device=clips.device).view(1, 3, 1, 1, 1)
+    mean, std = stats.tensors(clips.device, 5)
     return (clips.float() / 255.0 - mean) / std
 
 
