@@ -373,8 +373,7 @@ def reconstruction_rows(student: MaskedAutoencoderHPM, imgs: torch.Tensor, mask:
     out = student(imgs, mask)
     student.train(was_training)
     target = student.patchify(imgs)
-    mean = torch.tensor(stats.mean, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(stats.std, device=imgs.device).view(1, 3, 1, 1)
+    mean, std = stats.tensors(imgs.device, 4)
     if student.target_dim is not None:
         rows = [imgs, student.unpatchify(target * (~mask).unsqueeze(-1))]
         return [(r.float() * std + mean).clamp(0, 1) for r in rows]
@@ -399,8 +398,7 @@ def clip_rows(student: MaskedAutoencoderHPM, clips: torch.Tensor, mask: torch.Te
     student.eval()
     out = student(clips[:1], mask[:1])
     student.train(was_training)
-    std = torch.tensor(stats.std, device=clips.device).view(1, 3, 1, 1, 1)   # what normalised these clips
-    mean = torch.tensor(stats.mean, device=clips.device).view(1, 3, 1, 1, 1)
+    mean, std = stats.tensors(clips.device, 5)   # what normalised these clips
     pixels = (clips[:1].float() * std + mean).clamp(0, 1)
     tubelets = student.patchify(pixels)
     visible = (~mask[:1]).unsqueeze(-1)

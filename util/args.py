@@ -150,8 +150,7 @@ def data_parser() -> argparse.ArgumentParser:
     g.add_argument("--video_decoder", choices=["auto", "pyav", "torchcodec"], default="auto",
                    help="videos of a --data_path list file: torchcodec (needs the system's FFmpeg libraries) or "
                         "PyAV (needs nothing more); auto: torchcodec where it loads, else PyAV (the same frames but "
-                        "for "
-                        "odd frame sizes, whose colour conversion can differ by a few levels)")
+                        "for odd frame sizes, whose colour conversion can differ by a few levels)")
     g.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
                    help="per-channel mean to normalise with (with --std); default: pretraining, ImageNet's (or the "
                         "training set's with --norm dataset); the other scripts, the statistics the --finetune "
