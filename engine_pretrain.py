@@ -20,6 +20,7 @@ from engine import Timer, no_timer
 from models_hpm import HPMTeacher, MaskedAutoencoderHPM
 from util.args import (
     DataDefault,
+    RenamedFlag,
     check_common,
     data_parser,
     make_parser,
@@ -34,7 +35,7 @@ from util.colormap import heat_colors, normalise_per_image
 from util.errors import UserError
 from util.faults import fault_point
 from util.gpu_augment import GpuPretrainAugment
-from util.masking import mask_policy
+from util.layout import MASK_UNITS
 from util.normalization import IMAGENET, Stats
 from util.patches import gather_patches
 from util.precision import autocast
@@ -93,12 +94,14 @@ def hpm_parser() -> argparse.ArgumentParser:
     g.add_argument("--tubelet_size", type=int, default=2, help="frames per tubelet (the Conv3d's temporal kernel)")
     g.add_argument("--sampling_rate", type=int, default=4,
                    help="a clip takes every N-th frame of a video (VideoMAE: 4 for Kinetics-400, 2 for SSv2)")
-    g.add_argument("--hard_unit", choices=["tube", "token"], default="tube",
-                   help="HPM on clips: rank tubes (the teacher's predicted losses averaged over time; the mask stays "
-                        "a tube mask, so no masked patch shows through its neighbours in time) or single tokens (the "
-                        "image method on the longer sequence); the ranking objective uses the same unit")
-    g.add_argument("--mask_type", choices=["tube", "random"], default="tube",
-                   help="the VideoMAE baseline's mask (--no-learning_loss): VideoMAE's tube mask, or random per token")
+    g.add_argument("--mask_unit", choices=MASK_UNITS, default="tube",
+                   help="what clips are masked in, for HPM and the VideoMAE baseline alike: tube (VideoMAE's tube "
+                        "mask; HPM ranks each tube by the teacher's predicted losses averaged over time, so no masked "
+                        "patch shows through its neighbours in time) or token (uniform per token; HPM ranks every "
+                        "token: the image method on the longer sequence); the ranking objective uses the same unit")
+    g.add_argument("--hard_unit", action=RenamedFlag, dest="mask_unit", choices=MASK_UNITS, help=argparse.SUPPRESS)
+    g.add_argument("--mask_type", action=RenamedFlag, dest="mask_unit", choices=["tube", "random"],
+                   renamed={"random": "token"}, help=argparse.SUPPRESS)
     g = p.add_argument_group("run")
     g.add_argument("--experiment", type=str, default=None,
                    help="name of the run: outputs go to output_dir/<experiment>")
@@ -137,7 +140,7 @@ def check_pretrain_args(args: argparse.Namespace) -> list[str]:
         args.mask_ratio = models_hpm.default_mask_ratio(args.model)
     if not video:
         changed = [f for f, default in (("num_frames", 16), ("tubelet_size", 2), ("sampling_rate", 4),
-                                        ("hard_unit", "tube"), ("mask_type", "tube")) if getattr(args, f) != default]
+                                        ("mask_unit", "tube")) if getattr(args, f) != default]
         if changed:
             raise UserError(f"--{changed[0]} is for clips, but --model {args.model} takes images: use a videomae_* "
                             f"model, or drop --{changed[0]}")
@@ -182,8 +185,7 @@ def build_student(args: argparse.Namespace, target_dim: int | None = None) -> Ma
                   relative=args.relative, vis_mask_ratio=args.vis_mask_ratio, target_dim=target_dim,
                   grad_checkpointing=args.grad_checkpointing)
     if models_hpm.is_video_model(args.model):
-        kwargs.update(num_frames=args.num_frames, tubelet_size=args.tubelet_size, hard_unit=args.hard_unit,
-                      mask_type=args.mask_type)
+        kwargs.update(num_frames=args.num_frames, tubelet_size=args.tubelet_size, mask_unit=args.mask_unit)
     if args.input_size is not None:
         kwargs["img_size"] = args.input_size
     try:
@@ -245,9 +247,8 @@ class PretrainTask:
         if has_teacher(args):
             self.teacher = HPMTeacher(student, args.epochs, args.compile, teacher_schedule(args, steps_per_epoch))
         self.frozen_target = frozen_target.to(device) if frozen_target is not None else None
-        try:   # clips: the network's own (tube or per-token random) masks
-            self.mask_policy = student.random_mask if student.video else \
-                mask_policy(mask_kind(args), student.grid_size, student.num_masked)
+        try:   # the MAE baseline's masks (HPM's come from the teacher), as the network's layout draws them
+            self.mask_policy = student.layout.mask_policy(mask_kind(args))
         except ValueError as exc:
             raise UserError(str(exc)) from None
         self.device, self.amp_dtype, self.seed = device, amp_dtype, args.seed

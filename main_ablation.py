@@ -37,7 +37,7 @@ import models_vit
 from engine_pretrain import check_pretrain_args, has_teacher, pretrain_args_parser
 from models_hpm import encoder_name, is_video_model
 from util.ablation import METRICS, draw_figure, markdown_table, summarize
-from util.args import HelpFormatter, check_output_dir, namespace_to_argv
+from util.args import HelpFormatter, check_output_dir, legacy_settings, namespace_to_argv
 from util.checkpoint import write_bytes_atomic
 from util.errors import EXIT_USER_ERROR, UserError, one_line, run_cli
 from util.launcher import cluster_parser, import_submitit, make_executor
@@ -54,8 +54,8 @@ BUILTIN_VARIANTS = {
     "hpm_step": "--teacher_decay_unit step",
     # clips (with a videomae_* --model): VideoMAE, and HPM choosing hard tubes or hard tokens
     "videomae": "--no-learning_loss",
-    "hpm_tube": "--hard_unit tube",
-    "hpm_token": "--hard_unit token",
+    "hpm_tube": "--mask_unit tube",
+    "hpm_token": "--mask_unit token",
 }
 BASELINES = ("mae", "videomae")   # the default baseline: the first of these that runs
 # Set by the ablation for each run, so not passed through.
@@ -268,6 +268,7 @@ def check_identity(run: PlannedRun) -> None:
     if not record.is_file():
         return
     saved = json.loads(record.read_text()).get("identity") or {}
+    saved["pretrain"] = legacy_settings(saved.get("pretrain") or {})   # runs made before a flag was renamed
     wanted = json.loads(json.dumps(run.identity))   # as it reads back (tuples become lists)
     changed = [f"{section} {key}" for section in wanted for key in wanted[section]
                if saved.get(section, {}).get(key) != wanted[section][key]]

@@ -71,17 +71,18 @@ class MaskedAutoencoderHPM(nn.Module):
                  mlp_ratio: float = 4.0, mask_ratio: float = 0.75, norm_pix_loss: bool = False,
                  learning_loss: bool = True, relative: bool = True, vis_mask_ratio: float = 0.0,
                  target_dim: int | None = None, num_frames: int | None = None, tubelet_size: int = 2,
-                 hard_unit: str = "tube", mask_type: str = "tube", norm_eps: float = 1e-6,
-                 decoder_norm_eps: float = 1e-6, grad_checkpointing: bool = False) -> None:
+                 mask_unit: str | None = None, hard_unit: str = "tube", mask_type: str = "tube",
+                 norm_eps: float = 1e-6, decoder_norm_eps: float = 1e-6, grad_checkpointing: bool = False) -> None:
         """`num_frames` (None: images): clips of that many frames, tokenised in `tubelet_size` x
-        patch x patch tubelets; their masking unit is `hard_unit` (tube or token) for HPM and, with
-        the loss predictor off, `mask_type` (tube, or random: per token). `norm_eps` /
-        `decoder_norm_eps`: the LayerNorms' (1e-6 in MAE and VideoMAE; other values only to load
-        transformers' models)."""
+        patch x patch tubelets and masked in `mask_unit` (tube or token; `hard_unit` for HPM and
+        `mask_type` (tube or random) for the baseline are its former names, read from older
+        checkpoints). `norm_eps` / `decoder_norm_eps`: the LayerNorms' (1e-6 in MAE and VideoMAE;
+        other values only to load transformers' models)."""
         super().__init__()
         if hard_unit not in HARD_UNITS or mask_type not in ("tube", "random"):
             raise ValueError(f"hard_unit {hard_unit!r} / mask_type {mask_type!r}: use tube or token / tube or random")
-        unit = hard_unit if learning_loss else {"tube": "tube", "random": "token"}[mask_type]
+        unit = mask_unit or (hard_unit if learning_loss else {"tube": "tube", "random": "token"}[mask_type])
+        self.mask_unit = unit
         self.layout = token_layout(img_size, patch_size, in_chans, mask_ratio, num_frames, tubelet_size, unit)
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -541,7 +542,7 @@ def load_pretrain_model(path: str, model: str | None = None, teacher: bool = Fal
     kwargs = dict(norm_pix_loss=bool(args.get("norm_pix_loss", False)), relative=bool(args.get("relative", True)),
                   vis_mask_ratio=float(args.get("vis_mask_ratio", 0.0)),
                   target_dim=None if pred_width == probe.decoder_pred.weight.shape[0] else pred_width)
-    for key in ("mask_ratio", "hard_unit", "mask_type"):
+    for key in ("mask_ratio", "mask_unit", "hard_unit", "mask_type"):
         if args.get(key) is not None:
             kwargs[key] = args[key]
     temporal = probe.layout.num_patches // probe.grid_size ** 2   # token positions in time: 1 for images

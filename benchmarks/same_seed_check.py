@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 RUNS = {   # name -> (pretraining model, flags, kNN classifier)
     "image_hpm": ("mae_vit_tiny_patch4", [], "vit_tiny_patch4"),
     "image_mae": ("mae_vit_tiny_patch4", ["--no-learning_loss"], "vit_tiny_patch4"),
-    "video_hpm_tube": ("videomae_vit_tiny_patch4", ["--hard_unit", "tube"], "video_vit_tiny_patch4"),
-    "video_hpm_token": ("videomae_vit_tiny_patch4", ["--hard_unit", "token"], "video_vit_tiny_patch4"),
+    "video_hpm_tube": ("videomae_vit_tiny_patch4", ["--mask_unit", "tube"], "video_vit_tiny_patch4"),
+    "video_hpm_token": ("videomae_vit_tiny_patch4", ["--mask_unit", "token"], "video_vit_tiny_patch4"),
     "videomae": ("videomae_vit_tiny_patch4", ["--no-learning_loss"], "video_vit_tiny_patch4"),
 }
 LOSS_KEYS = ("train_total", "train_recon", "train_loss_pred")

@@ -134,7 +134,7 @@ def test_the_video_variants_evaluate_video_encoders_on_their_clips(tmp_path):
             assert argv[argv.index("--model") + 1] == "video_vit_tiny_patch4"
             assert argv[argv.index("--num_frames") + 1] == "8"
     assert [s.name for s in runs[0].stages] == ["pretrain", "knn_student", "linprobe_student"]
-    assert "--hard_unit" in runs[2].stages[0].argv and "token" in runs[2].stages[0].argv
+    assert "--mask_unit" in runs[2].stages[0].argv and "token" in runs[2].stages[0].argv
     assert len(runs[1].stages) == 5   # HPM: the teacher evaluated too
 
 

@@ -37,7 +37,7 @@ def test_every_flag_has_help_with_its_default_once(name):
     for flag in EXPECTED_FLAGS[name]:
         assert flag in text, flag
     for action in parser._actions:
-        if isinstance(action, argparse._HelpAction):
+        if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:   # a former name, hidden
             continue
         assert action.help, f"{action.option_strings} has no help text"
         shown = parser._get_formatter()._expand_help(action)

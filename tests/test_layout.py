@@ -58,3 +58,36 @@ def test_the_network_holds_no_statistics_and_its_target_follows_the_inputs():
     losses = student.forward_loss(inputs[OWN], out, stats=OWN)
     target = gather_patches(student.patchify(pixels), out.ids_masked)
     torch.testing.assert_close(losses.recon, (out.pred - target).square().mean(), atol=1e-6, rtol=1e-5)
+
+
+def test_the_baselines_mask_policy_comes_from_the_layout():
+    image = ImageLayout(32, 4, 3, 0.75)
+    for kind in ("random", "regular", "block"):
+        mask = image.mask_policy(kind)(3, torch.device("cpu"), torch.Generator().manual_seed(0))
+        assert mask.shape == (3, 64) and (mask.sum(1) == image.num_masked).all()
+    clip = ClipLayout(32, 4, 3, 0.9, 16, 2, "tube")
+    assert clip.mask_policy("random") == clip.random_mask
+    with pytest.raises(ValueError, match="the block mask is for images"):
+        clip.mask_policy("block")
+
+
+@pytest.mark.parametrize("old, value, unit", [("--hard_unit", "token", "token"), ("--hard_unit", "tube", "tube"),
+                                              ("--mask_type", "random", "token"), ("--mask_type", "tube", "tube")])
+def test_the_former_unit_flags_are_read_as_mask_unit_with_a_note(old, value, unit, capsys):
+    import main_pretrain
+    from engine_pretrain import build_student, check_pretrain_args
+    args = main_pretrain.get_args_parser().parse_args(["--model", "videomae_vit_tiny_patch4", old, value])
+    assert args.mask_unit == unit and not hasattr(args, "hard_unit") and not hasattr(args, "mask_type")
+    assert capsys.readouterr().err.strip() == f"note: {old} {value} is now --mask_unit {unit}"
+    check_pretrain_args(args)
+    assert build_student(args).layout.unit == unit
+
+
+def test_runs_saved_under_the_former_flags_are_still_the_same_run():
+    from util.args import first_difference, legacy_settings
+    old_hpm = {"model": "videomae_vit_tiny_patch4", "learning_loss": True, "hard_unit": "token", "mask_type": "tube"}
+    old_mae = {"model": "videomae_vit_tiny_patch4", "learning_loss": False, "hard_unit": "tube", "mask_type": "random"}
+    assert legacy_settings(old_hpm)["mask_unit"] == "token" and legacy_settings(old_mae)["mask_unit"] == "token"
+    now = {"model": "videomae_vit_tiny_patch4", "learning_loss": True, "mask_unit": "tube"}
+    assert first_difference(legacy_settings(old_hpm), True, now) == ("mask_unit", "token", "tube")
+    assert first_difference(legacy_settings(old_hpm), True, {**now, "mask_unit": "token"}) is None

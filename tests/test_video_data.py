@@ -172,8 +172,8 @@ def _pretrain(argv):
     main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-learning_loss"], ["--no-learning_loss", "--mask_type", "random"],
-                                   ["--hard_unit", "token"], ["--no-relative"], ["--norm_pix_loss"],
+@pytest.mark.parametrize("flags", [[], ["--no-learning_loss"], ["--no-learning_loss", "--mask_unit", "token"],
+                                   ["--mask_unit", "token"], ["--no-relative"], ["--norm_pix_loss"],
                                    ["--target", "ema"], ["--num_frames", "8", "--sampling_rate", "2"],
                                    ["--norm", "dataset", "--bad_images", "skip"], ["--video_decoder", "pyav"],
                                    pytest.param(["--video_decoder", "torchcodec", "--bad_images", "skip"],

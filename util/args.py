@@ -2,6 +2,7 @@
 adds its own group on top, so a flag is declared once for the whole project."""
 import argparse
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,30 @@ def show(value: Any) -> str:
     if value is None:
         return "unset"
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+class RenamedFlag(argparse.Action):
+    """A flag's old name, still accepted: sets the new flag's destination (through `renamed` for values
+    that changed too) and says so in one line."""
+
+    def __init__(self, option_strings: list[str], dest: str, renamed: dict | None = None, **kwargs) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
+        self.renamed = renamed or {}
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        value = self.renamed.get(values, values)
+        print(f"note: {option_string} {values} is now --{self.dest} {value}", file=sys.stderr)
+        setattr(namespace, self.dest, value)
+
+
+def legacy_settings(saved: dict) -> dict:
+    """Settings saved before a flag was renamed, under today's names: `--hard_unit` (HPM) and
+    `--mask_type` (the VideoMAE baseline) became one `--mask_unit`."""
+    if "mask_unit" in saved or ("hard_unit" not in saved and "mask_type" not in saved):
+        return saved
+    unit = (saved.get("hard_unit", "tube") if saved.get("learning_loss", True)
+            else {"tube": "tube", "random": "token"}.get(saved.get("mask_type", "tube"), "tube"))
+    return {**saved, "mask_unit": unit}
 
 
 def make_parser(description: str, parents: list[argparse.ArgumentParser], add_help: bool = True,

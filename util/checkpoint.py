@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from util.args import first_difference, setting_name, show
+from util.args import first_difference, legacy_settings, setting_name, show
 from util.distributed import is_distributed
 from util.errors import UserError
 from util.faults import fault_point
@@ -330,8 +330,8 @@ def _numbered(output_dir: Path) -> list[Path]:
 def saved_settings(ckpt: dict) -> tuple[dict, bool]:
     """A checkpoint's run settings, and whether they are a legacy `args` (see first_difference)."""
     if isinstance(ckpt.get("settings"), dict):
-        return ckpt["settings"], False
-    return ckpt.get("args") or {}, True
+        return legacy_settings(ckpt["settings"]), False
+    return legacy_settings(ckpt.get("args") or {}), True
 
 
 def check_same_run(path: Path, fmt: str, settings: dict, output_dir: Path) -> None:

@@ -20,6 +20,7 @@ from util.losses import relative_loss_prediction, relative_loss_prediction_chunk
 from util.masking import (
     hard_patch_mask,
     hard_tube_mask,
+    mask_policy,
     num_masked_patches,
     num_masked_per_frame,
     random_mask,
@@ -73,6 +74,11 @@ class ImageLayout:
     def random_mask(self, batch_size: int, device: torch.device,
                     generator: torch.Generator | None = None) -> torch.Tensor:
         return random_mask(batch_size, self.num_patches, self.num_masked, device=device, generator=generator)
+
+    def mask_policy(self, kind: str) -> Callable[..., torch.Tensor]:
+        """The MAE baseline's masks by name: random, UM-MAE's regular, or one visible block;
+        called (batch_size, device, generator)."""
+        return mask_policy(kind, self.grid_size, self.num_masked)
 
     def num_hard(self, alpha: float) -> int:
         """Units (patches) chosen as hard at hard-patch share `alpha`."""
@@ -135,6 +141,12 @@ class ClipLayout(ImageLayout):
         mean, std = stats.tensors(clips.device, 5)
         tubelets = self.patchify(clips.float() * std + mean)
         return tubelet_normalised_target(tubelets, self.in_chans) if norm_pix else tubelets
+
+    def mask_policy(self, kind: str) -> Callable[..., torch.Tensor]:
+        """VideoMAE's baseline: its random masks in the layout's unit (tube or token) alone."""
+        if kind != "random":
+            raise ValueError(f"the {kind} mask is for images; clips are masked in tubes or tokens")
+        return self.random_mask
 
     def random_mask(self, batch_size: int, device: torch.device,
                     generator: torch.Generator | None = None) -> torch.Tensor:
