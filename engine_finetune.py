@@ -201,10 +201,7 @@ class ClassifierSetup:
         if self.dist.is_main:
             self.output_dir = check_output_dir(args.output_dir)
         path = find_resume(args.resume, args.auto_resume, self.output_dir, self.fmt, self.settings)
-        if finished_run(path, self.fmt, args.model, args.epochs):
-            log.info(f"{path} has finished all {args.epochs} epochs of this run: nothing to do (raise --epochs to "
-                     f"train longer, or pass another --output_dir for a new run)")
-            self.finished = True
+        self.finished = finished_run(path, self.fmt, args.model, args.epochs)
         return path
 
     def fit(self, task: ClassifierTask, optimizer: torch.optim.Optimizer, resume_path: Path | None,

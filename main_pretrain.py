@@ -106,8 +106,6 @@ def main(args: argparse.Namespace) -> PretrainTask | None:
     output_dir = check_output_dir(args.output_dir) if dist_info.is_main else Path(args.output_dir)
     resume_path = find_resume(args.resume, args.auto_resume, output_dir, FORMAT_PRETRAIN, settings)
     if finished_run(resume_path, FORMAT_PRETRAIN, args.model, args.epochs):
-        log.info(f"{resume_path} has finished all {args.epochs} epochs of this run: nothing to do (raise --epochs "
-                 f"to train longer, or pass another --output_dir for a new run)")
         cleanup()
         return None
     saved = load_file(resume_path, "--resume", mmap=True) if resume_path is not None else {}

@@ -424,13 +424,17 @@ def _remove_stale(output_dir: Path) -> None:
 
 def finished_run(path: Path | None, fmt: str, model_name: str, epochs: int) -> bool:
     """Whether `path` is a checkpoint of format `fmt` and model `model_name` that already holds every
-    one of `epochs` epochs (and no partial one). Another kind of file is left to the resume's own
-    one-line error."""
+    one of `epochs` epochs (and no partial one), said in one line. Another kind of file is left to the
+    resume's own one-line error."""
     if path is None:
         return False
     ckpt = load_file(path, "--resume", mmap=True)
-    return (ckpt.get("format") == fmt and ckpt.get("model_name") == model_name
-            and int(ckpt.get("next_epoch", 0)) >= epochs and not ckpt.get("next_step"))
+    finished = (ckpt.get("format") == fmt and ckpt.get("model_name") == model_name
+                and int(ckpt.get("next_epoch", 0)) >= epochs and not ckpt.get("next_step"))
+    if finished:
+        log.info(f"{path} has finished all {epochs} epochs of this run: nothing to do (raise --epochs to train "
+                 f"longer, or pass another --output_dir for a new run)")
+    return finished
 
 
 @dataclass

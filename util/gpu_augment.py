@@ -193,26 +193,28 @@ class GpuPretrainAugment:
         pixels = iter(batch.decoded)
         return [next(jpegs) if e else next(pixels).to(self.device, non_blocking=True) for e in encoded]
 
+    def decode_one(self, data: torch.Tensor, name: str) -> torch.Tensor | None:
+        """One JPEG on the device; one the decoder refuses stops the run naming it, or (`--bad_images
+        skip`) is None, with a warning naming it."""
+        try:
+            return decode_jpegs([data], self.device, self.decode_stream)[0]
+        except RuntimeError as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rsplit(", ", 1)[-1][:160]
+            if not self.skip:
+                raise UserError(f"{name}: the device's JPEG decoder cannot read it ({reason}); pass "
+                                f"--bad_images skip to replace it, or drop --gpu_decode") from None
+            log.warning(f"skipped: {name}: the device's JPEG decoder cannot read it ({reason}); replaced by another "
+                        f"image of the batch")
+            return None
+
     def decode_all(self, jpegs: list[torch.Tensor], names: list[str]) -> list[torch.Tensor]:
         """The batch's JPEGs in one decode; if the decoder refuses the batch, image by image, where one
         it refuses stops the run naming its file, or (`--bad_images skip`) is replaced by another image
         of the batch with a warning naming it."""
         try:
             return decode_jpegs(jpegs, self.device, self.decode_stream)
-        except RuntimeError:
-            pass
-        images: list[torch.Tensor | None] = []
-        for data, name in zip(jpegs, names):
-            try:
-                images.append(decode_jpegs([data], self.device, self.decode_stream)[0])
-            except RuntimeError as exc:
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rsplit(", ", 1)[-1][:160]
-                if not self.skip:
-                    raise UserError(f"{name}: the device's JPEG decoder cannot read it ({reason}); pass "
-                                    f"--bad_images skip to replace it, or drop --gpu_decode") from None
-                log.warning(f"skipped: {name}: the device's JPEG decoder cannot read it ({reason}); replaced "
-                            f"by another image of the batch")
-                images.append(None)
+        except RuntimeError:   # one refused image fails the whole batch: find it
+            images = [self.decode_one(data, name) for data, name in zip(jpegs, names)]
         good = next((image for image in images if image is not None), None)
         if good is None:
             raise UserError(f"none of the batch's JPEGs decodes on the device (first: {names[0]}); check "
